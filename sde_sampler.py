@@ -1,0 +1,564 @@
+"""
+The shared core of every stage: the flow-matching SDE maths, the rollout loop, and the policy
+(one SD3 pipeline with LoRA adapters for the student, the teachers and the anchor).
+
+    from sde_sampler import load_policy, add_student, load_adapter, rollout
+    policy = load_policy("stabilityai/stable-diffusion-3.5-medium", device="cuda")
+    add_student(policy)                                     # trainable LoRA "student"
+    load_adapter(policy, "ocr_teacher/", "ocr")              # frozen LoRA named after its task
+    out = rollout(policy, prompts, num_steps=10, guidance=4.5, noise_level=0.7,
+                  labels={"teacher": "ocr", "anchor": "base"}, generator=g)
+
+Convention (SD3): sigma = 1 is pure noise, sigma = 0 is data, x_s = (1 - s) x0 + s eps and the
+network predicts v = eps - x0. Sampling walks the scheduler's sigmas from 1 down to 0.
+
+The maths functions are pure and small so they can be read against DESIGN.md section 3 and
+tested against torch.distributions; everything model-related sits below them.
+"""
+
+import json
+import math
+import os
+import shutil
+import warnings
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent
+DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-medium"
+TINY_MODEL = REPO / "assets" / "tiny" / "base"
+# Flow-GRPO's LoRA targets on SD3: the joint attention's image and text projections.
+LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+BASE = "base"  # the adapter name that means "all adapters disabled"
+
+
+# -----------------------------------------------------------------------------
+# maths (DESIGN.md section 3)
+
+def _per_sample(s, x):
+    """A float or (B,) tensor of sigmas, broadcastable against x (B, ...)."""
+    s = torch.as_tensor(s, dtype=torch.float32, device=x.device)
+    return s.reshape(-1, *([1] * (x.dim() - 1))) if s.dim() else s
+
+
+def noise_scale(sigma, sigma_next, noise_level):
+    """Flow-GRPO's std_s = a * sqrt(s / (1 - s)). At s = 1 it is infinite, so the authors put the
+    next sigma in the denominator there; we do the same."""
+    denom = 1 - torch.where(sigma >= 1, sigma_next, sigma)
+    return noise_level * torch.sqrt(sigma / denom)
+
+
+def sde_step(v, x, sigma, sigma_next, noise_level, prev_sample=None, generator=None):
+    """One step of the Flow-GRPO SDE from sigma to sigma_next < sigma.
+
+    Returns (prev_sample, log_prob, mean, std): the next state (sampled unless given), the
+    Gaussian log-density of it averaged over the non-batch dims (shape (B,)), the transition
+    mean and its standard deviation std_s * sqrt(|dt|). noise_level = 0 is the Euler ODE step;
+    its log_prob is returned as zeros (a point mass has no density)."""
+    v, x = v.float(), x.float()
+    s, s_next = _per_sample(sigma, x), _per_sample(sigma_next, x)
+    dt = s_next - s
+    if noise_level == 0:
+        mean = x + dt * v
+        return mean, torch.zeros(x.shape[0], device=x.device), mean, torch.zeros_like(s)
+    std_s = noise_scale(s, s_next, noise_level)
+    mean = x * (1 + std_s ** 2 * dt / (2 * s)) + v * (1 + std_s ** 2 * (1 - s) / (2 * s)) * dt
+    std = std_s * torch.sqrt(-dt)
+    if prev_sample is None:
+        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        prev_sample = mean + std * z
+    prev_sample = prev_sample.float()
+    log_prob = (-((prev_sample - mean) ** 2) / (2 * std ** 2) - torch.log(std)
+                - 0.5 * math.log(2 * math.pi))
+    return prev_sample, log_prob.mean(dim=tuple(range(1, x.dim()))), mean, std
+
+
+def transition_kl(v_student, v_teacher, sigma, sigma_next, noise_level, weighting="flowgrpo"):
+    """KL(student transition || teacher transition) at the same state, shape (B,).
+
+    Both transitions are N(mu, std_s^2 |dt| I), so the KL is |mu_s - mu_T|^2 / (2 std_s^2 |dt|),
+    and mu_s - mu_T = (1 + std_s^2 (1 - s) / (2 s)) dt (v_s - v_T): a time-weighted L2 between
+    velocities. "exact" is that KL; "flowgrpo" is the authors' normalisation (mean over dims, no
+    |dt|), which their learning rates were tuned for: flowgrpo = exact * |dt| / D."""
+    if noise_level <= 0:
+        raise ValueError("transition_kl needs noise_level > 0 (the ODE step has no density)")
+    diff = v_student.float() - v_teacher.float()
+    s, s_next = _per_sample(sigma, diff), _per_sample(sigma_next, diff)
+    dt = s_next - s
+    std_s = noise_scale(s, s_next, noise_level)
+    sq = ((1 + std_s ** 2 * (1 - s) / (2 * s)) * dt * diff) ** 2
+    dims = tuple(range(1, diff.dim()))
+    if weighting == "exact":
+        return (sq / (2 * std_s ** 2 * -dt)).sum(dim=dims)
+    if weighting == "flowgrpo":
+        return (sq / (2 * std_s ** 2)).mean(dim=dims)
+    raise ValueError(f"unknown kl weighting {weighting!r}; use 'flowgrpo' or 'exact'")
+
+
+def cfg(v_uncond, v_cond, guidance):
+    """Classifier-free guidance. Distilled velocities are guided velocities, as the authors do."""
+    return v_uncond + guidance * (v_cond - v_uncond)
+
+
+def sd3_sigmas(scheduler_config, num_steps):
+    """The scheduler's sigmas for num_steps steps (shift applied), from ~1 down to a final 0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    sched = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    sched.set_timesteps(num_steps)
+    return sched.sigmas.float().cpu()
+
+
+# -----------------------------------------------------------------------------
+# policy: one pipeline, prompt-embedding cache, LoRA adapters
+
+@dataclass
+class Policy:
+    pipe: object
+    device: torch.device
+    dtype: torch.dtype
+    resolution: int
+    student: str | None = None              # name of the trainable adapter, if any
+    embeds: dict = field(default_factory=dict)  # prompt -> (embeds, pooled), on the CPU
+
+    @property
+    def transformer(self):
+        return self.pipe.transformer
+
+    @property
+    def latent_shape(self):
+        # A pipeline folder without a VAE is a pixel-space model (the tiny world).
+        scale = self.pipe.vae_scale_factor if self.pipe.vae is not None else 1
+        c = self.transformer.config.in_channels
+        return (c, self.resolution // scale, self.resolution // scale)
+
+    def autocast(self):
+        if self.device.type == "cuda" and self.dtype != torch.float32:
+            return torch.autocast("cuda", dtype=self.dtype)
+        return nullcontext()
+
+
+def resolve_model(model, preset=None):
+    """The pipeline to load: --model wins, then the preset's, then SD3.5-Medium."""
+    if model:
+        return str(model)
+    if preset == "tiny":
+        if not (TINY_MODEL / "model_index.json").exists():
+            raise FileNotFoundError(f"tiny base not found at {TINY_MODEL}; run `python tinyworld.py`")
+        return str(TINY_MODEL)
+    if preset not in (None, "sd35m"):
+        raise ValueError(f"unknown preset {preset!r}; use 'tiny' or leave it out for SD3.5-Medium")
+    return DEFAULT_MODEL
+
+
+def default_device():
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_policy(model=DEFAULT_MODEL, device=None, dtype=None, resolution=None):
+    """Load an SD3 pipeline (hub id or folder). Components stored as null in the folder's
+    model_index.json (no T5, or no VAE for a pixel-space model) are passed as None, which
+    diffusers requires. The transformer (and VAE) go to the device, frozen; the text encoders
+    stay on the CPU and visit the device only to fill the embedding cache."""
+    from diffusers import StableDiffusion3Pipeline
+    device = torch.device(device) if device else default_device()
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    nulls = {}
+    index = Path(model) / "model_index.json"
+    if index.exists():
+        nulls = {k: None for k, v in json.loads(index.read_text()).items()
+                 if isinstance(v, list) and v[0] is None}
+    pipe = StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype, **nulls)
+    pipe.set_progress_bar_config(disable=True)
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.requires_grad_(False)
+    pipe.transformer.to(device)
+    if pipe.vae is not None:
+        pipe.vae.to(device)
+    scale = pipe.vae_scale_factor if pipe.vae is not None else 1
+    resolution = resolution or pipe.transformer.config.sample_size * scale
+    return Policy(pipe=pipe, device=device, dtype=dtype, resolution=resolution)
+
+
+@torch.no_grad()
+def encode(policy, prompts, negative_prompt=""):
+    """(embeds, pooled, neg_embeds, neg_pooled) on the device, through a per-prompt cache."""
+    pipe = policy.pipe
+    missing = sorted({p for p in prompts if p not in policy.embeds} | (
+        {negative_prompt} if negative_prompt not in policy.embeds else set()))
+    if missing:
+        encoders = [m for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3) if m is not None]
+        for m in encoders:
+            m.to(policy.device)
+        for i in range(0, len(missing), 32):
+            chunk = missing[i:i + 32]
+            e, _, p, _ = pipe.encode_prompt(prompt=chunk, prompt_2=None, prompt_3=None,
+                                            do_classifier_free_guidance=False, device=policy.device)
+            for j, text in enumerate(chunk):
+                policy.embeds[text] = (e[j].cpu(), p[j].cpu())
+        for m in encoders:  # text encoders are dead weight on the accelerator after encoding
+            m.to("cpu")
+    e = torch.stack([policy.embeds[p][0] for p in prompts]).to(policy.device, policy.dtype)
+    p = torch.stack([policy.embeds[p][1] for p in prompts]).to(policy.device, policy.dtype)
+    ne, npool = policy.embeds[negative_prompt]
+    ne = ne.to(policy.device, policy.dtype).expand_as(e)
+    npool = npool.to(policy.device, policy.dtype).expand_as(p)
+    return e, p, ne, npool
+
+
+def velocity(policy, x, sigma, cond, guidance):
+    """The (guided) velocity of the active adapter at state x. cond = encode(...) output.
+    The uncond and cond halves go through one batched forward, as diffusers does."""
+    e, p, ne, npool = cond
+    t = _per_sample(sigma, x).reshape(-1).expand(x.shape[0]) * 1000
+    with policy.autocast():
+        if guidance == 1.0:
+            return policy.transformer(hidden_states=x.to(policy.dtype), timestep=t, encoder_hidden_states=e,
+                                      pooled_projections=p, return_dict=False)[0].float()
+        out = policy.transformer(hidden_states=torch.cat([x, x]).to(policy.dtype), timestep=torch.cat([t, t]),
+                                 encoder_hidden_states=torch.cat([ne, e]),
+                                 pooled_projections=torch.cat([npool, p]), return_dict=False)[0].float()
+    v_uncond, v_cond = out.chunk(2)
+    return cfg(v_uncond, v_cond, guidance)
+
+
+@contextmanager
+def using_adapter(policy, name):
+    """Run with one adapter active (or BASE: all disabled), then restore the student.
+    peft's set_adapter flips requires_grad, so the student must be re-activated afterwards or
+    a later backward gives it no gradient (DESIGN.md section 4)."""
+    tr = policy.transformer
+    if name == BASE:
+        if getattr(tr, "_hf_peft_config_loaded", False):
+            tr.disable_adapters()
+    else:
+        tr.set_adapter(name)
+    try:
+        yield
+    finally:
+        if name == BASE and getattr(tr, "_hf_peft_config_loaded", False):
+            tr.enable_adapters()
+        if policy.student is not None:
+            tr.set_adapter(policy.student)
+
+
+def initial_noise(policy, seeds):
+    """Starting latents with one seed per sample, so a prompt sees the same noise whatever
+    batch it lands in and whichever checkpoint samples it."""
+    return torch.stack([torch.randn(policy.latent_shape, generator=torch.Generator().manual_seed(int(s)))
+                        for s in seeds]).to(policy.device)
+
+
+@torch.no_grad()
+def label_velocities(policy, x, sigma, cond, guidance, names):
+    """Velocities of other adapters at the states x. names is one adapter name for the whole
+    batch or one per sample (task routing): each adapter only sees the samples routed to it."""
+    names = [names] * x.shape[0] if isinstance(names, str) else list(names)
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    for name in dict.fromkeys(names):
+        idx = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+        sub = tuple(c[idx] for c in cond)
+        with using_adapter(policy, name):
+            out[idx] = velocity(policy, x[idx], sigma, sub, guidance)
+    return out
+
+
+@torch.no_grad()
+def rollout(policy, prompts, num_steps, guidance, noise_level, generator=None, latents=None,
+            labels=None, adapter=None, negative_prompt=""):
+    """Sample a batch with CFG: SDE when noise_level > 0 (on-policy rollouts), ODE when 0 (eval).
+
+    labels = {key: adapter name or per-sample list of names} also records those adapters'
+    guided velocities at every visited state (teacher / anchor labels, computed once here
+    under no_grad instead of inside the training loop). adapter picks the sampling adapter
+    (default: the student if any, else the base).
+    Returns a dict: states (B,T,...) the state before each step, next_states (B,T,...),
+    log_probs (B,T), sigmas (T+1,), latents (B,...) the final sample, and labels {key: (B,T,...)}."""
+    cond = encode(policy, prompts, negative_prompt)
+    sigmas = sd3_sigmas(policy.pipe.scheduler.config, num_steps)
+    if latents is None:
+        latents = torch.randn((len(prompts), *policy.latent_shape), generator=generator,
+                              device=policy.device if generator is None else generator.device)
+    x = latents.to(policy.device, torch.float32)
+    adapter = adapter or policy.student or BASE
+    states, next_states, log_probs = [], [], []
+    label_out = {k: [] for k in (labels or {})}
+    for i in range(num_steps):
+        s, s_next = sigmas[i].item(), sigmas[i + 1].item()
+        with using_adapter(policy, adapter):
+            v = velocity(policy, x, s, cond, guidance)
+        for key, names in (labels or {}).items():
+            label_out[key].append(label_velocities(policy, x, s, cond, guidance, names))
+        x_next, log_prob, _, _ = sde_step(v, x, s, s_next, noise_level, generator=generator)
+        states.append(x)
+        next_states.append(x_next)
+        log_probs.append(log_prob)
+        x = x_next
+    return {"states": torch.stack(states, 1), "next_states": torch.stack(next_states, 1),
+            "log_probs": torch.stack(log_probs, 1), "sigmas": sigmas, "latents": x,
+            "labels": {k: torch.stack(v, 1) for k, v in label_out.items()}}
+
+
+@torch.no_grad()
+def decode(policy, latents):
+    """Latents -> list of PIL images. Without a VAE the latents are pixels in [-1, 1]."""
+    vae = policy.pipe.vae
+    if vae is None:
+        images = latents.float()
+    else:
+        z = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        images = vae.decode(z, return_dict=False)[0].float()
+    images = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return [Image.fromarray(a) for a in images.permute(0, 2, 3, 1).cpu().numpy()]
+
+
+# -----------------------------------------------------------------------------
+# LoRA adapters on the one base (DESIGN.md section 4)
+
+def lora_config(rank=32, alpha=64, targets=LORA_TARGETS, init="gaussian"):
+    from peft import LoraConfig
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=init)
+
+
+def _add_adapter(transformer, config, name):
+    with warnings.catch_warnings():
+        # several named adapters on one base is the point here, not an accident to flag
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        transformer.add_adapter(config, adapter_name=name)
+
+
+def add_student(policy, rank=32, alpha=64, targets=LORA_TARGETS, name="student", init=None):
+    """Add the trainable adapter (optionally initialised from any teacher form) and make it active.
+    Its weights are kept in float32 even when the base runs in bf16."""
+    if init is not None:
+        load_adapter(policy, init, name, trainable=True)
+    else:
+        _add_adapter(policy.transformer, lora_config(rank, alpha, targets), name)
+    policy.student = name
+    policy.transformer.set_adapter(name)
+    params = [p for n, p in policy.transformer.named_parameters() if f".{name}." in n]
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
+
+
+def adapter_state_dict(policy, name):
+    from peft.utils import get_peft_model_state_dict
+    return get_peft_model_state_dict(policy.transformer, adapter_name=name)
+
+
+def save_adapter(policy, name, folder, extra_files=None):
+    """Save an adapter as a folder that StableDiffusion3Pipeline.load_lora_weights loads
+    unchanged, atomically (write to a temporary name, then rename). The peft state dict goes in
+    directly: convert_state_dict_to_diffusers drops SD3 keys. The metadata carries lora_alpha;
+    without it diffusers reads alpha as r. extra_files = {filename: json-able dict}."""
+    from diffusers import StableDiffusion3Pipeline
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter_state_dict(policy, name).items()}
+    cfg = policy.transformer.peft_config[name].to_dict()
+    cfg["target_modules"] = sorted(cfg["target_modules"]) if cfg.get("target_modules") else cfg.get("target_modules")
+    StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=state,
+                                               transformer_lora_adapter_metadata=cfg)
+    for fname, obj in (extra_files or {}).items():
+        (tmp / fname).write_text(json.dumps(obj, indent=2, default=str))
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def _strip(key):
+    for prefix in ("base_model.model.", "transformer."):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def _read_state_file(path):
+    """A LoRA state dict from .safetensors or .pt (weights_only), plus safetensors metadata."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a loadable tensor dict ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: expected a dict of LoRA tensors, found {type(obj).__name__}")
+    return obj, {}
+
+
+def _diffusers_meta(raw):
+    """diffusers stores the LoraConfig flat, as "transformer.<field>" keys, in the file's metadata."""
+    meta = json.loads(raw.get("lora_adapter_metadata", "{}"))
+    return {k.split(".", 1)[1]: v for k, v in meta.items() if k.startswith("transformer.")}
+
+
+def read_lora(source):
+    """Read a LoRA in any accepted form into (state_dict keyed by transformer module paths,
+    LoraConfig kwargs). Forms: our/diffusers folder (pytorch_lora_weights.safetensors + metadata),
+    a peft folder (adapter_config.json + adapter_model.safetensors, as Flow-GRPO saves), a
+    .safetensors/.pt state-dict file, or a hub repo id of either folder."""
+    src = str(source)
+    path = Path(src)
+    if not path.exists():
+        if src.count("/") == 1 and not src.startswith((".", "/")) and not path.suffix:
+            from huggingface_hub import snapshot_download
+            try:
+                path = Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors"]))
+            except Exception as e:
+                raise FileNotFoundError(f"{src}: not a local path and not downloadable from the hub ({type(e).__name__})") from None
+        else:
+            raise FileNotFoundError(f"{src}: LoRA checkpoint not found")
+    meta = {}
+    if path.is_dir():
+        if (path / "adapter_config.json").exists():
+            files = sorted(path.glob("adapter_model.*"))
+            if not files:
+                raise FileNotFoundError(f"{src}: peft folder without adapter_model.safetensors/.bin")
+            state, _ = _read_state_file(files[0])
+            meta = json.loads((path / "adapter_config.json").read_text())
+        elif (path / "pytorch_lora_weights.safetensors").exists():
+            state, raw = _read_state_file(path / "pytorch_lora_weights.safetensors")
+            meta = _diffusers_meta(raw)
+        else:
+            raise FileNotFoundError(f"{src}: folder holds neither pytorch_lora_weights.safetensors nor adapter_config.json")
+    else:
+        state, raw = _read_state_file(path)
+        meta = _diffusers_meta(raw)
+    if any(k.startswith(("text_encoder", "te_")) for k in state):
+        warnings.warn(f"{src}: text-encoder LoRA weights are ignored; only the transformer is adapted")
+    state = {_strip(k).replace(".default.", "."): v for k, v in state.items()
+             if not k.startswith(("text_encoder", "te_"))}
+    a_keys = [k for k in state if k.endswith("lora_A.weight")]
+    if not a_keys or any(not (k.endswith(".lora_A.weight") or k.endswith(".lora_B.weight")) for k in state):
+        bad = next((k for k in state if not k.endswith(("lora_A.weight", "lora_B.weight"))), "no lora_A keys")
+        raise ValueError(f"{src}: not a LoRA state dict in peft/diffusers naming (key {bad!r})")
+    modules = sorted(k[: -len(".lora_A.weight")] for k in a_keys)
+    ranks = {state[m + ".lora_A.weight"].shape[0] for m in modules}
+    rank = int(meta.get("r", max(ranks)))
+    alpha = meta.get("lora_alpha")
+    if alpha is None:
+        warnings.warn(f"{src}: no lora_alpha stored; assuming alpha = r = {rank}")
+        alpha = rank
+    rank_pattern = {m: state[m + ".lora_A.weight"].shape[0] for m in modules
+                    if state[m + ".lora_A.weight"].shape[0] != rank}
+    kwargs = dict(r=rank, lora_alpha=alpha, target_modules=modules, rank_pattern=rank_pattern,
+                  alpha_pattern=dict(meta.get("alpha_pattern") or {}), use_rslora=bool(meta.get("use_rslora")))
+    if meta.get("use_dora"):
+        raise ValueError(f"{src}: DoRA adapters are not supported")
+    return state, kwargs
+
+
+def check_lora_fits(transformer, state, source):
+    """Every LoRA layer must name a Linear of the base with matching in/out features."""
+    mods = dict(transformer.named_modules())
+    for key, w in state.items():
+        mname = key.rsplit(".lora_", 1)[0]
+        m = mods.get(mname)
+        m = getattr(m, "base_layer", m)
+        if not isinstance(m, torch.nn.Linear):
+            raise ValueError(f"{source}: layer {mname} is not a linear layer of this base model")
+        want = (w.shape[0], m.in_features) if key.endswith("lora_A.weight") else (m.out_features, w.shape[1])
+        if tuple(w.shape) != want:
+            raise ValueError(f"{source}: layer {mname} has LoRA shape {tuple(w.shape)}, base expects {want}"
+                             " (a LoRA for a different architecture?)")
+
+
+def load_adapter(policy, source, name, trainable=False):
+    """Load a LoRA in any accepted form as a named adapter on the shared base (frozen unless
+    trainable). Validates every layer against the base before touching it."""
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+    state, kwargs = read_lora(source)
+    tr = policy.transformer
+    check_lora_fits(tr, state, source)
+    if getattr(tr, "_hf_peft_config_loaded", False) and name in tr.peft_config:
+        raise ValueError(f"{source}: an adapter named {name!r} is already loaded")
+    _add_adapter(tr, LoraConfig(**kwargs), name)
+    result = set_peft_model_state_dict(tr, state, adapter_name=name)
+    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if missing:
+        raise ValueError(f"{source}: keys not matched by the adapter: {missing[:3]}")
+    for n, p in tr.named_parameters():
+        if f".{name}." in n:
+            p.data = p.data.float() if trainable else p.data.to(policy.dtype)
+            p.requires_grad_(trainable)
+    if policy.student is not None and not trainable:
+        tr.set_adapter(policy.student)
+    return name
+
+
+# -----------------------------------------------------------------------------
+# the tiny pipeline builder (tests use it untrained; tinyworld.py pretrains it)
+
+def _clip_vocab(words):
+    """A byte-level BPE vocabulary in CLIP's format, with merges that make each given word one
+    token: CLIPTokenizer needs vocab.json and merges.txt, and the hub is out of reach."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    extra = [b for b in range(256) if b not in keep]
+    chars = [chr(b) for b in keep] + [chr(256 + i) for i in range(len(extra))]
+    vocab = chars + [c + "</w>" for c in chars]
+    merges, seen = [], set(vocab)
+    for w in dict.fromkeys(w.lower() for w in words if w.isalpha() and len(w) > 1):
+        toks = list(w[:-1]) + [w[-1] + "</w>"]
+        while len(toks) > 1:
+            merged = toks[0] + toks[1]
+            if merged not in seen:
+                merges.append(f"{toks[0]} {toks[1]}")
+                vocab.append(merged)
+                seen.add(merged)
+            toks = [merged] + toks[2:]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(vocab)}, merges
+
+
+def build_tiny_pipeline(out_dir=None, words=(), seed=0, size=32, patch_size=2, num_layers=4,
+                        heads=4, head_dim=32, text_dim=32, text_layers=2, max_tokens=32):
+    """A randomly initialised StableDiffusion3Pipeline small enough for a CPU: pixel space
+    (no VAE, 3 channels), two tiny CLIP text encoders, no T5. Saved with save_pretrained when
+    out_dir is given, so it loads like any pipeline folder (via load_policy)."""
+    import tempfile
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+    torch.manual_seed(seed)
+    vocab, merges = _clip_vocab(words)
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "vocab.json").write_text(json.dumps(vocab))
+        Path(d, "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n")
+        tokenizer = CLIPTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"),
+                                  model_max_length=max_tokens)
+    text_cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=text_dim, intermediate_size=2 * text_dim,
+                              num_hidden_layers=text_layers, num_attention_heads=2,
+                              max_position_embeddings=max_tokens, projection_dim=text_dim,
+                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+    transformer = SD3Transformer2DModel(
+        sample_size=size, patch_size=patch_size, in_channels=3, out_channels=3, num_layers=num_layers,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=2 * text_dim,
+        caption_projection_dim=heads * head_dim, pooled_projection_dim=2 * text_dim,
+        pos_embed_max_size=size // patch_size)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None,
+        text_encoder=CLIPTextModelWithProjection(text_cfg), tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(text_cfg), tokenizer_2=tokenizer,
+        text_encoder_3=None, tokenizer_3=None)
+    if out_dir is not None:
+        pipe.save_pretrained(out_dir)
+    return pipe

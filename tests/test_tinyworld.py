@@ -1,0 +1,168 @@
+"""The tiny world: prompt sets, renderer and exact rewards (CPU, a few seconds)."""
+
+import copy
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+import tinyworld as tw
+
+REWARDS = {"count": tw.count_reward, "text": tw.text_reward, "clean": tw.clean_reward}
+
+
+def _renders(task, split="test"):
+    rows = tw.prompt_set(task, split)
+    return rows, [tw.render(r, seed=i) for i, r in enumerate(rows)]
+
+
+def _score(reward, images, rows):
+    return reward(images, [r["prompt"] for r in rows], [r["metadata"] for r in rows])
+
+
+# -----------------------------------------------------------------------------
+# prompt sets
+
+
+@pytest.mark.parametrize("task", tw.TASKS)
+def test_prompt_sets_deterministic_disjoint_tagged(task):
+    test, train = tw.prompt_set(task, "test"), tw.prompt_set(task, "train")
+    assert test == tw.prompt_set(task, "test") and train == tw.prompt_set(task, "train")
+    assert 32 <= len(test) <= 64 and len(train) >= 200
+    prompts = [r["prompt"] for r in test + train]
+    assert len(set(prompts)) == len(prompts), "duplicate prompts, or train and test overlap"
+    for r in test + train:
+        assert r["task"] == task and isinstance(r["metadata"], dict)
+        assert r["prompt"] == r["prompt"].lower() and len(r["prompt"].split()) <= 12
+        outside_quotes = re.sub(r'"[^"]*"', " ", r["prompt"])
+        assert set(outside_quotes.split()) <= set(tw.VOCAB_WORDS), r["prompt"]
+
+
+def test_prompt_sets_disjoint_across_tasks_and_cover_count_tags():
+    prompts = [r["prompt"] for t in tw.TASKS for s in ("train", "test") for r in tw.prompt_set(t, s)]
+    assert len(set(prompts)) == len(prompts)
+    tags = {r["metadata"]["tag"] for r in tw.prompt_set("count", "test")}
+    assert tags == {"single", "counting", "two_object", "position"}
+    texts = [r["metadata"]["text"] for r in tw.prompt_set("text", "test")]
+    assert all(set(s) <= set(tw.CHARSET) and 2 <= len(s) <= 4 for s in texts)
+    assert {len(s) for s in texts} == {2, 3, 4}
+
+
+# -----------------------------------------------------------------------------
+# renderer
+
+
+@pytest.mark.parametrize("task", tw.TASKS)
+def test_render_deterministic_and_varies_with_seed(task):
+    rows = tw.prompt_set(task, "test")[:16]
+    for r in rows:
+        a, b = tw.render(r, 7), tw.render(r, 7)
+        assert a.size == (tw.SIZE, tw.SIZE) and a.mode == "RGB"
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    differ = [not np.array_equal(np.asarray(tw.render(r, 1)), np.asarray(tw.render(r, 2))) for r in rows]
+    assert np.mean(differ) >= 0.9
+
+
+def test_render_batch_and_training_batch():
+    rows = tw.prompt_set("count", "train") + tw.prompt_set("text", "train")
+    batch = tw.render_batch(rows[:4], [0, 1, 2, 3])
+    assert batch.dtype == torch.uint8 and batch.shape == (4, 3, tw.SIZE, tw.SIZE)
+    assert np.array_equal(batch[2].permute(1, 2, 0).numpy(), np.asarray(tw.render(rows[2], 2)))
+    picked, images = tw.sample_training_batch(rows, 8, seed=3)
+    picked2, images2 = tw.sample_training_batch(rows, 8, seed=3)
+    assert picked == picked2 and torch.equal(images, images2) and images.shape == (8, 3, 32, 32)
+    assert not torch.equal(images, tw.sample_training_batch(rows, 8, seed=4)[1])
+
+
+# -----------------------------------------------------------------------------
+# rewards on ground truth and on mismatched prompts
+
+
+@pytest.mark.parametrize("task", tw.TASKS)
+def test_reward_on_ground_truth(task):
+    rows, images = _renders(task)
+    scores, info = _score(REWARDS[task], images, rows)
+    assert scores.dtype == torch.float32 and scores.shape == (len(rows),)
+    assert ((scores >= 0) & (scores <= 1)).all()
+    assert scores.mean() >= 0.95
+    assert np.mean([i["strict"] for i in info]) >= 0.95
+    # the same pixels as a uint8 tensor give the same scores
+    tensor = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2)
+    assert torch.equal(_score(REWARDS[task], tensor, rows)[0], scores)
+
+
+def _mismatch_count(meta, i):
+    """Another relation, count or colour: one attribute changed."""
+    meta = copy.deepcopy(meta)
+    first = meta["objects"][0]
+    if meta["relation"]:
+        flip = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+        meta["relation"] = flip[meta["relation"]]
+    elif i % 2:
+        first["count"] += 1 if first["count"] < 4 else -1
+    else:
+        used = {o["color"] for o in meta["objects"]}
+        first["color"] = next(c for c in tw.COLORS if c not in used)
+    return meta
+
+
+def test_count_reward_mismatch_is_severe():
+    rows, images = _renders("count")
+    metas = [_mismatch_count(r["metadata"], i) for i, r in enumerate(rows)]
+    scores, info = tw.count_reward(images, [r["prompt"] for r in rows], metas)
+    assert scores.mean() <= 0.3
+    assert not any(i["strict"] for i in info)
+
+
+def test_text_reward_mismatch_is_severe():
+    rows, images = _renders("text")
+    shift = {c: tw.CHARSET[(k + 1) % len(tw.CHARSET)] for k, c in enumerate(tw.CHARSET)}
+    metas = [{"text": "".join(shift[c] for c in r["metadata"]["text"])} for r in rows]
+    scores, info = tw.text_reward(images, [r["prompt"] for r in rows], metas)
+    assert scores.mean() <= 0.3
+    assert not any(i["strict"] for i in info)
+    # without metadata the target is the prompt's quoted string
+    assert tw.text_reward(images[:4], [r["prompt"] for r in rows[:4]], [{}] * 4)[0].tolist() == [1.0] * 4
+
+
+def test_count_credit_is_graded():
+    """Being off by one count scores better than being off by two (the RL signal)."""
+    row = next(r for r in tw.prompt_set("count", "test") if r["metadata"]["objects"][0]["count"] == 2)
+    image = tw.render(row, 0)
+    scores = []
+    for k in (2, 3, 4):
+        meta = copy.deepcopy(row["metadata"])
+        meta["objects"][0]["count"] = k
+        scores.append(tw.count_reward([image], [row["prompt"]], [meta])[0].item())
+    assert scores[0] > scores[1] > scores[2] > 0
+
+
+def _noisy(image, sigma, rng):
+    return Image.fromarray(np.clip(np.asarray(image) + rng.normal(0, sigma, (32, 32, 3)), 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("task", tw.TASKS)
+def test_clean_reward_penalises_noise_and_blur(task):
+    rows, images = _renders(task)
+    rng = np.random.default_rng(0)
+    assert tw.clean_reward(images, None, None)[0].mean() >= 0.95
+    noisy = tw.clean_reward([_noisy(im, 20, rng) for im in images], None, None)[0]
+    blurred = tw.clean_reward([im.filter(ImageFilter.GaussianBlur(1)) for im in images], None, None)[0]
+    assert noisy.mean() <= 0.3 and blurred.mean() <= 0.3
+    # graded: mild noise costs less than strong noise
+    mild = tw.clean_reward([_noisy(im, 5, rng) for im in images], None, None)[0]
+    assert 0.5 < mild.mean() < 0.95
+    # an empty canvas is not a clean picture
+    blank = Image.new("RGB", (32, 32), tw.WHITE)
+    assert tw.clean_reward([blank], None, None)[0].item() == 0
+
+
+def test_count_and_text_rewards_degrade_gracefully():
+    """Blurred ground truth keeps partial credit between all and nothing."""
+    for task in ("count", "text"):
+        rows, images = _renders(task)
+        scores = _score(REWARDS[task], [im.filter(ImageFilter.GaussianBlur(1.5)) for im in images], rows)[0]
+        assert 0.2 < scores.mean() < 0.8
+    assert tw.read_text(np.full((32, 32, 3), 255, np.uint8)) == ""
