@@ -355,11 +355,12 @@ def adapter_state_dict(policy, name):
     return get_peft_model_state_dict(policy.transformer, adapter_name=name)
 
 
-def save_adapter(policy, name, folder, extra_files=None):
+def save_adapter(policy, name, folder, extra_files=None, extra_state=None):
     """Save an adapter as a folder that StableDiffusion3Pipeline.load_lora_weights loads
     unchanged, atomically (write to a temporary name, then rename). The peft state dict goes in
     directly: convert_state_dict_to_diffusers drops SD3 keys. The metadata carries lora_alpha;
-    without it diffusers reads alpha as r. extra_files = {filename: json-able dict}."""
+    without it diffusers reads alpha as r. extra_files = {filename: json-able dict};
+    extra_state = {filename: object for torch.save} (optimizer, EMA, step)."""
     from diffusers import StableDiffusion3Pipeline
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
@@ -372,6 +373,8 @@ def save_adapter(policy, name, folder, extra_files=None):
                                                transformer_lora_adapter_metadata=cfg)
     for fname, obj in (extra_files or {}).items():
         (tmp / fname).write_text(json.dumps(obj, indent=2, default=str))
+    for fname, obj in (extra_state or {}).items():
+        torch.save(obj, tmp / fname)
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,311 @@
+"""
+What every stage script needs and none of them should hide: config parsing with presets,
+torch.distributed setup, the EMA of the LoRA weights, atomic checkpoints with resume, metrics,
+image grids, and the periodic evaluation (ODE samples of every task's test prompts).
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+
+# -----------------------------------------------------------------------------
+# config: the defaults block of a script, then --preset, then explicit flags
+
+
+def _flag_type(default):
+    if isinstance(default, bool):
+        return lambda s: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[s.lower()]
+    if isinstance(default, (int, float)):
+        return type(default)
+    return str
+
+
+@contextmanager
+def startup_errors():
+    """Bad input found while setting up (flags, prompt files, teachers) ends the run with one
+    line naming the problem, before any compute is spent, instead of a traceback."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        msg = e.args[0] if e.args else repr(e)
+        raise SystemExit(f"error: {msg}") from None
+
+
+def parse_config(defaults, presets, argv=None, description=None):
+    """argparse from a dict of defaults. Precedence: explicit flag > --preset value > default.
+    Lists take several values (--teachers a=X b=Y); booleans take true/false."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--preset", choices=sorted(presets), default=None)
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    for key, value in defaults.items():
+        if key in ("preset", "resume"):
+            continue
+        if isinstance(value, list):
+            parser.add_argument(f"--{key}", nargs="*", default=None)
+        else:
+            parser.add_argument(f"--{key}", type=_flag_type(value), default=None)
+    args = vars(parser.parse_args(argv))
+    config = dict(defaults)
+    if args["preset"]:
+        config.update(presets[args["preset"]])
+    config.update({k: v for k, v in args.items() if v is not None})
+    config["resume"] = args["resume"]
+    config["preset"] = args["preset"]
+    return config
+
+
+# -----------------------------------------------------------------------------
+# distributed (torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; gloo on CPU, nccl on GPU)
+
+def setup_dist():
+    """(rank, world_size, device). Plain `python` is a world of one."""
+    if "RANK" not in os.environ:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        return 0, 1, device
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        device = torch.device("cuda", local)
+    else:
+        dist.init_process_group("gloo")
+        device = torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _comm(t):
+    """Where a tensor must live for a collective: the GPU under nccl, the CPU under gloo."""
+    return t.cuda() if dist.get_backend() == "nccl" else t.cpu()
+
+
+def all_mean(x):
+    """Mean of a tensor (or float) over ranks."""
+    t = torch.as_tensor(x, dtype=torch.float64).clone()
+    if dist.is_initialized():
+        t = _comm(t)
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.cpu()
+
+
+def all_gather_objects(obj):
+    """A list of every rank's obj (rank order); just [obj] without torch.distributed."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def sync_grads(params):
+    """Average the gradients over ranks once per optimizer step: one flat all-reduce. Doing it by
+    hand instead of wrapping in DDP avoids DDP's per-forward buffer sync (SD3's positional
+    embedding) and its hooks on the micro-steps (which would otherwise need no_sync)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = _comm(torch.cat([g.reshape(-1) for g in grads]))
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    i = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[i:i + g.numel()].view_as(g).to(p.device).clone()
+        i += g.numel()
+
+
+def check_in_sync(params):
+    """Every rank must hold the same weights after an optimizer step; a silent divergence (a
+    missed all-reduce, a rank-dependent branch) would otherwise only show up as bad results.
+    Returns the largest difference to rank 0 and raises if it is not exactly zero."""
+    if not dist.is_initialized():
+        return 0.0
+    flat = _comm(torch.cat([p.detach().float().reshape(-1) for p in params]))
+    ref = flat.clone()
+    dist.broadcast(ref, 0)
+    diff = (flat - ref).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    if diff.item() != 0:
+        raise RuntimeError(f"ranks hold different weights (max |diff| {diff.item():.3e})")
+    return 0.0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup_dist():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# EMA of the trainable LoRA weights (Flow-GRPO evaluates and ships the EMA)
+
+def ema_init(params):
+    return [p.detach().float().clone() for p in params]
+
+
+@torch.no_grad()
+def ema_update(ema, params, decay):
+    for e, p in zip(ema, params):
+        e.lerp_(p.detach().float(), 1 - decay)
+
+
+@contextmanager
+def ema_weights(ema, params):
+    """Temporarily put the EMA weights into the live parameters (for eval or saving)."""
+    backup = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, b in zip(params, backup):
+                p.copy_(b)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: out/checkpoint-000123/ (LoRA folder + training_state.pt), atomic, resumable
+
+CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoints(out):
+    """Completed checkpoints in out, oldest first (half-written .tmp folders don't match)."""
+    out = Path(out)
+    found = [(int(m.group(1)), p) for p in out.glob("checkpoint-*") if (m := CKPT.match(p.name))
+             and (p / "training_state.pt").exists()]
+    return [p for _, p in sorted(found)]
+
+
+def prepare_out(out, resume):
+    """Refuse to mix runs: an --out with checkpoints needs --resume. Returns the checkpoint to
+    resume from (or None)."""
+    out = Path(out)
+    found = checkpoints(out)
+    if found and not resume:
+        raise SystemExit(f"error: {out} already holds checkpoints of another run ({found[-1].name});"
+                         " pass --resume to continue it or choose another --out")
+    if resume and not found:
+        print(f"--resume: no checkpoint in {out}, starting from scratch")
+    return found[-1] if (resume and found) else None
+
+
+def save_checkpoint(policy, out, step, state, config, keep=2):
+    """Write out/checkpoint-{step}: the student's LoRA (a diffusers folder), config.json and
+    training_state.pt, all under a temporary name first so a crash never leaves a corrupt one.
+    Older checkpoints beyond `keep` are deleted afterwards."""
+    from sde_sampler import save_adapter
+    folder = Path(out) / f"checkpoint-{step:06d}"
+    save_adapter(policy, policy.student, folder, extra_files={"config.json": config},
+                 extra_state={"training_state.pt": state})
+    for old in checkpoints(out)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def save_final(policy, out, config):
+    """out/final/: the student's LoRA (diffusers folder) with the run's config beside it."""
+    from sde_sampler import save_adapter
+    return save_adapter(policy, policy.student, Path(out) / "final", extra_files={"config.json": config})
+
+
+def load_training_state(folder):
+    return torch.load(Path(folder) / "training_state.pt", map_location="cpu", weights_only=True)
+
+
+def log_metrics(out, record):
+    """One JSON line per record in out/metrics.jsonl (rank 0 only calls this)."""
+    record = {"time": round(time.time(), 3), **record}
+    with open(Path(out) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record, default=float) + "\n")
+
+
+def write_json(path, obj):
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
+
+
+# -----------------------------------------------------------------------------
+# images
+
+def image_grid(images, cols, captions=None, scale=1):
+    """Paste PIL images into a grid; an optional caption strip above each row."""
+    w, h = images[0].size
+    w, h = w * scale, h * scale
+    rows = (len(images) + cols - 1) // cols
+    cap = 12 if captions else 0
+    grid = Image.new("RGB", (cols * w, rows * (h + cap)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        grid.paste(im.resize((w, h), Image.NEAREST), (c * w, r * (h + cap) + cap))
+        if captions and c == 0:
+            draw.text((2, r * (h + cap)), captions[r][: cols * w // 6], fill="black")
+    return grid
+
+
+# -----------------------------------------------------------------------------
+# evaluation: ODE samples of test prompts, every task's reward, sharded over ranks
+
+@torch.no_grad()
+def evaluate(policy, rows, num_steps, guidance, batch_size, seed=0, adapter=None):
+    """Score rows (dicts with prompt/task/metadata) by their own task's reward. Each prompt gets
+    a fixed seed (seed + its index), so runs and checkpoints see the same noise; rows are
+    sharded over ranks and gathered. Returns ({task: {"mean", "strict", "n"}}, images, details),
+    images and details in row order."""
+    from rewards import get_reward
+    from sde_sampler import decode, initial_noise, rollout
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    mine = list(range(rank, len(rows), world()))
+    results = []
+    for i in range(0, len(mine), batch_size):
+        idx = mine[i:i + batch_size]
+        batch = [rows[j] for j in idx]
+        x0 = initial_noise(policy, [seed + j for j in idx])
+        out = rollout(policy, [r["prompt"] for r in batch], num_steps, guidance, 0.0, latents=x0,
+                      adapter=adapter)
+        images = decode(policy, out["latents"])
+        for task in dict.fromkeys(r["task"] for r in batch):
+            k = [n for n, r in enumerate(batch) if r["task"] == task]
+            scores, info = get_reward(task)([images[n] for n in k], [batch[n]["prompt"] for n in k],
+                                            [batch[n]["metadata"] for n in k])
+            for n, s, inf in zip(k, scores.tolist(), info):
+                results.append((idx[n], s, inf, images[n]))
+    gathered = sorted((r for part in all_gather_objects(results) for r in part), key=lambda r: r[0])
+    summary = {}
+    for task in dict.fromkeys(r["task"] for r in rows):
+        mine_t = [g for g in gathered if rows[g[0]]["task"] == task]
+        strict = [bool(g[2]["strict"]) for g in mine_t if "strict" in g[2]]
+        summary[task] = {"mean": sum(g[1] for g in mine_t) / len(mine_t), "n": len(mine_t)}
+        if strict:
+            summary[task]["strict"] = sum(strict) / len(strict)
+    details = [{"prompt": rows[g[0]]["prompt"], "task": rows[g[0]]["task"], "seed": seed + g[0],
+                "score": g[1], **{k: v for k, v in g[2].items() if _jsonable(v)}} for g in gathered]
+    return summary, [g[3] for g in gathered], details
+
+
+def _jsonable(v):
+    try:
+        json.dumps(v)
+        return True
+    except TypeError:
+        return False

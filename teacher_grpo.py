@@ -1,0 +1,272 @@
+"""
+Stage 1: Flow-GRPO. One reward makes a teacher; several tasks make the GRPO-Mix baseline.
+
+    python teacher_grpo.py --preset tiny --reward count --out runs/count            # a tiny teacher
+    python teacher_grpo.py --preset tiny --tasks count,text --shared_reward clean:0.2 --out runs/mix
+    torchrun --nproc_per_node=2 teacher_grpo.py --preset tiny --reward text --out runs/text
+    torchrun --nproc_per_node=8 teacher_grpo.py --reward ocr --out runs/ocr          # SD3.5-Medium
+
+Each step: every rank samples its prompts, G images per prompt by SDE rollouts with CFG
+(recording the per-step log-probs, and the base model's velocities at the visited states for the
+KL term), scores them with each prompt's own task reward, and turns the scores into group
+advantages. Then the student LoRA is trained on the first int(num_steps * timestep_fraction)
+steps of every trajectory with the PPO clipped loss on the per-step log-prob ratio plus
+beta * KL(student || base). Gradients are averaged over ranks once per optimizer update.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import common
+from prompts import load_prompts
+from rewards import get_reward, parse_reward_spec, set_device
+from sde_sampler import (BASE, add_student, decode, encode, load_policy, resolve_model, rollout, sde_step,
+                         transition_kl, velocity)
+
+# -----------------------------------------------------------------------------
+# defaults: SD3.5-Medium with the Flow-GRPO authors' settings; --preset tiny swaps in the tiny world
+DEFAULTS = dict(
+    model="",                 # hub id or pipeline folder; empty: SD3.5-Medium (or the preset's base)
+    reward="",                # a teacher: one reward; its name is also the task whose prompts are used
+    tasks="",                 # GRPO-Mix: "ocr,geneval", each prompt scored by its own task's reward
+    shared_reward="",         # added to every prompt's reward, e.g. "pickscore:0.2"
+    prompts="",               # a prompt file for --reward (Flow-GRPO's formats); empty: the built-in set
+    out="runs/teacher",
+    resolution=512,
+    num_steps=10,             # SDE steps per rollout
+    eval_steps=40,            # ODE steps for evaluation
+    guidance=4.5,             # CFG in rollouts and in every training forward
+    noise_level=0.7,          # a in std_s = a * sqrt(s / (1 - s))
+    group_size=16,            # images per prompt: the GRPO group
+    prompts_per_step=48,      # prompts per step over all ranks (48 x 16 = 768 images)
+    batch_size=8,             # images per forward pass, per rank (the micro-batch)
+    updates_per_step=2,       # optimizer updates per batch of rollouts (later ones are off-policy)
+    timestep_fraction=0.99,   # train the first int(num_steps * 0.99) = 9 of 10 steps
+    clip_range=1e-4,          # PPO ratio clip
+    adv_clip=5.0,
+    global_std=True,          # normalise advantages by the std over the whole batch (authors' configs)
+    beta=0.04,                # weight of KL(student || base), the base being the adapter disabled
+    kl_weighting="flowgrpo",  # "flowgrpo" (authors') or "exact"
+    lr=3e-4,
+    weight_decay=1e-4,
+    max_grad_norm=1.0,
+    lora_rank=32,
+    lora_alpha=64,
+    ema_decay=0.9,            # EMA of the LoRA weights, used for eval and the final checkpoint
+    max_steps=1000,
+    eval_every=50,            # 0 disables periodic eval
+    eval_tasks="ocr,geneval", # every task is scored at eval, not only the trained one (the seesaw)
+    eval_prompts=64,          # test prompts per task at eval
+    save_every=50,
+    seed=0,
+)
+PRESETS = {
+    "tiny": dict(resolution=32, eval_steps=20, guidance=4.5, group_size=8, prompts_per_step=4,
+                 batch_size=16, updates_per_step=1, lr=1e-3, lora_rank=8, lora_alpha=16, max_steps=60,
+                 eval_every=20, eval_tasks="count,text,clean", eval_prompts=32, save_every=20, ema_decay=0.8),
+}
+
+
+# -----------------------------------------------------------------------------
+# the maths of a GRPO step
+
+def group_advantages(rewards, groups, global_std=True, clip=5.0, eps=1e-4):
+    """(r - mean of its prompt's group) / (std + eps), clipped. std is over the whole batch or per
+    group; a group whose images all score the same gets zero advantage, not NaN."""
+    adv = torch.zeros_like(rewards)
+    std_all = rewards.std() if rewards.numel() > 1 else torch.tensor(0.0)
+    for g in groups.unique():
+        m = groups == g
+        std = std_all if global_std else (rewards[m].std() if m.sum() > 1 else torch.tensor(0.0))
+        adv[m] = (rewards[m] - rewards[m].mean()) / (std + eps)
+    return adv.clamp(-clip, clip)
+
+
+def ppo_loss(log_prob, old_log_prob, advantages, clip_range):
+    """The clipped surrogate on the per-step ratio (per-dim mean log-probs, Flow-GRPO's convention)."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    return torch.maximum(unclipped, clipped).mean(), ((ratio - 1).abs() > clip_range).float().mean()
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = common.parse_config(DEFAULTS, PRESETS, argv, description=__doc__.split("\n\n")[0])
+    rank, world, device = common.setup_dist()
+    master = rank == 0
+    with common.startup_errors():
+        if bool(cfg["reward"]) == bool(cfg["tasks"]):
+            raise ValueError("give exactly one of --reward (a teacher) or --tasks (GRPO-Mix)")
+        tasks = [cfg["reward"]] if cfg["reward"] else [t.strip() for t in cfg["tasks"].split(",") if t.strip()]
+        rewards = {t: get_reward(t) for t in tasks}
+        shared = parse_reward_spec(cfg["shared_reward"]) if cfg["shared_reward"] else None
+        eval_tasks = [t.strip() for t in cfg["eval_tasks"].split(",") if t.strip()]
+        for t in eval_tasks:
+            get_reward(t)
+        if cfg["prompts"] and len(tasks) > 1:
+            raise ValueError("--prompts is for a single --reward; GRPO-Mix uses each task's built-in set")
+        train_rows = [r for t in tasks for r in load_prompts(t, "train", cfg["prompts"] or None)]
+        eval_rows = [r for t in eval_tasks for r in load_prompts(
+            t, "test", cfg["prompts"] if (t == cfg["reward"] and cfg["prompts"]) else None)[: cfg["eval_prompts"]]]
+        if cfg["prompts_per_step"] % world:
+            raise ValueError(f"--prompts_per_step {cfg['prompts_per_step']} is not divisible by {world} ranks")
+        prompts_per_rank = cfg["prompts_per_step"] // world
+        images_per_rank = prompts_per_rank * cfg["group_size"]
+        if images_per_rank % cfg["batch_size"]:
+            raise ValueError(f"--batch_size {cfg['batch_size']} does not divide the {images_per_rank} images per rank "
+                             f"({prompts_per_rank} prompts x group of {cfg['group_size']})")
+        micro = images_per_rank // cfg["batch_size"]
+        if micro % cfg["updates_per_step"]:
+            raise ValueError(f"--updates_per_step {cfg['updates_per_step']} does not divide the {micro} micro-batches")
+        if cfg["group_size"] < 2:
+            raise ValueError("--group_size must be at least 2 (advantages compare images of one prompt)")
+        out = Path(cfg["out"])
+        resume_from = common.prepare_out(out, cfg["resume"])
+        cfg["model"] = resolve_model(cfg["model"], cfg["preset"])
+    trained_steps = int(cfg["num_steps"] * cfg["timestep_fraction"])
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        common.write_json(out / "config.json", cfg)
+        print(f"tasks {tasks} | {len(train_rows)} train prompts | eval {eval_tasks} x {cfg['eval_prompts']}")
+        print(f"per step: {cfg['prompts_per_step']} prompts x group {cfg['group_size']} = "
+              f"{cfg['prompts_per_step'] * cfg['group_size']} images over {world} rank(s); per rank "
+              f"{prompts_per_rank} prompts, {images_per_rank} images in {micro} micro-batches of "
+              f"{cfg['batch_size']}; {cfg['updates_per_step']} optimizer update(s) x {trained_steps} trained "
+              f"steps of {cfg['num_steps']}")
+
+    # setup: one base, the student LoRA on it, the optimizer and its EMA
+    torch.manual_seed(cfg["seed"])
+    set_device(device)
+    policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"])
+    encode(policy, sorted({r["prompt"] for r in train_rows + eval_rows}))
+    if resume_from is not None:
+        params = add_student(policy, init=resume_from)
+    else:
+        params = add_student(policy, rank=cfg["lora_rank"], alpha=cfg["lora_alpha"])
+    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    ema = common.ema_init(params)
+    step = 0
+    if resume_from is not None:
+        state = common.load_training_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        ema = [e.to(device) for e in state["ema"]]
+        step = state["step"]
+        if master:
+            print(f"resumed from {resume_from} at step {step}")
+
+    def evaluate(step):
+        with common.ema_weights(ema, params):
+            summary, images, _ = common.evaluate(policy, eval_rows, cfg["eval_steps"], cfg["guidance"],
+                                                 cfg["batch_size"], seed=cfg["seed"])
+        if master:
+            common.log_metrics(out, {"step": step, "eval": summary})
+            per_task = [[im for im, r in zip(images, eval_rows) if r["task"] == t][:8] for t in eval_tasks]
+            (out / "samples").mkdir(exist_ok=True)
+            common.image_grid([im for row in per_task for im in row], cols=8, captions=eval_tasks,
+                              scale=max(1, 64 // cfg["resolution"])).save(out / "samples" / f"step_{step:06d}.png")
+            tqdm.write(f"eval step {step}: " + ", ".join(f"{t} {s['mean']:.3f}" for t, s in summary.items()))
+
+    if cfg["eval_every"] and step == 0:
+        evaluate(0)
+    bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, desc="grpo")
+    while step < cfg["max_steps"]:
+        t0 = time.time()
+        gen = torch.Generator(device).manual_seed(cfg["seed"] * 1_000_003 + step * 1_009 + rank)
+        pick = torch.randint(len(train_rows), (prompts_per_rank,), generator=torch.Generator().manual_seed(
+            cfg["seed"] * 7_919 + step * 31 + rank)).tolist()
+        batch_rows = [train_rows[i] for i in pick for _ in range(cfg["group_size"])]
+        groups = torch.arange(prompts_per_rank).repeat_interleave(cfg["group_size"])
+
+        # rollouts: SDE samples of the current student, base velocities recorded for the KL term
+        policy.transformer.eval()
+        chunks = []
+        for i in range(0, images_per_rank, cfg["batch_size"]):
+            rows = batch_rows[i:i + cfg["batch_size"]]
+            chunks.append(rollout(policy, [r["prompt"] for r in rows], cfg["num_steps"], cfg["guidance"],
+                                  cfg["noise_level"], generator=gen, labels={"ref": BASE} if cfg["beta"] else None))
+        traj = {k: torch.cat([c[k] for c in chunks]) for k in ("states", "next_states", "log_probs", "latents")}
+        ref = torch.cat([c["labels"]["ref"] for c in chunks]) if cfg["beta"] else None
+        sigmas = chunks[0]["sigmas"]
+
+        # rewards: each image by its own task's reward (+ the shared one), then group advantages
+        images = decode(policy, traj["latents"])
+        scores = torch.zeros(images_per_rank)
+        for t in tasks:
+            idx = [i for i, r in enumerate(batch_rows) if r["task"] == t]
+            if idx:
+                s, _ = rewards[t]([images[i] for i in idx], [batch_rows[i]["prompt"] for i in idx],
+                                  [batch_rows[i]["metadata"] for i in idx])
+                scores[idx] = s.float().cpu()
+        if shared is not None:
+            scores += shared(images, [r["prompt"] for r in batch_rows], [r["metadata"] for r in batch_rows])[0].float().cpu()
+        all_scores = torch.cat([torch.as_tensor(s) for s in common.all_gather_objects(scores)])
+        all_groups = torch.cat([g + k * prompts_per_rank for k, g in enumerate(
+            common.all_gather_objects(groups))])
+        adv = group_advantages(all_scores, all_groups, cfg["global_std"], cfg["adv_clip"])
+        adv = adv[rank * images_per_rank:(rank + 1) * images_per_rank].to(device)
+
+        # training: PPO on the per-step log-prob ratio + beta * KL to the base, over trained steps
+        policy.transformer.train()
+        order = torch.randperm(images_per_rank, generator=torch.Generator().manual_seed(cfg["seed"] + step))
+        per_update = micro // cfg["updates_per_step"]
+        stats = {"policy_loss": 0.0, "kl": 0.0, "clipfrac": 0.0}
+        for u in range(cfg["updates_per_step"]):
+            for m in range(per_update):
+                idx = order[(u * per_update + m) * cfg["batch_size"]:(u * per_update + m + 1) * cfg["batch_size"]]
+                cond = encode(policy, [batch_rows[i]["prompt"] for i in idx.tolist()])
+                idx = idx.to(device)
+                for j in range(trained_steps):
+                    s, s_next = sigmas[j].item(), sigmas[j + 1].item()
+                    x = traj["states"][idx, j]
+                    v = velocity(policy, x, s, cond, cfg["guidance"])
+                    _, log_prob, _, _ = sde_step(v, x, s, s_next, cfg["noise_level"], prev_sample=traj["next_states"][idx, j])
+                    loss, clipfrac = ppo_loss(log_prob, traj["log_probs"][idx, j], adv[idx], cfg["clip_range"])
+                    kl = transition_kl(v, ref[idx, j], s, s_next, cfg["noise_level"], cfg["kl_weighting"]).mean() \
+                        if cfg["beta"] else torch.zeros((), device=device)
+                    ((loss + cfg["beta"] * kl) / (per_update * trained_steps)).backward()
+                    n = cfg["updates_per_step"] * per_update * trained_steps
+                    stats["policy_loss"] += loss.item() / n
+                    stats["kl"] += kl.item() / n
+                    stats["clipfrac"] += clipfrac.item() / n
+            common.sync_grads(params)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["max_grad_norm"]).item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            common.ema_update(ema, params, cfg["ema_decay"])
+        step += 1
+
+        # logging, eval, checkpoints
+        record = {"step": step, "reward": common.all_mean(scores.mean()).item(), "grad_norm": grad_norm,
+                  **{k: common.all_mean(v).item() for k, v in stats.items()}, "sec": time.time() - t0}
+        for t in tasks:
+            m = [i for i, r in enumerate(batch_rows) if r["task"] == t]
+            record[f"reward_{t}"] = common.all_mean(scores[m].mean() if m else float("nan")).item()
+        if master:
+            common.log_metrics(out, record)
+            bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.2e}")
+            bar.update(1)
+        if cfg["eval_every"] and step % cfg["eval_every"] == 0:
+            evaluate(step)
+        if master and (step % cfg["save_every"] == 0 or step == cfg["max_steps"]):
+            common.save_checkpoint(policy, out, step, {"step": step, "optimizer": optimizer.state_dict(),
+                                                        "ema": [e.cpu() for e in ema]}, cfg)
+        common.barrier()
+    bar.close()
+    common.check_in_sync(params)
+    if world > 1 and master:
+        print(f"ranks in sync: {world} ranks hold identical LoRA weights")
+    if master:
+        with common.ema_weights(ema, params):
+            common.save_final(policy, out, cfg)
+        print(f"done: {out / 'final'}")
+    common.cleanup_dist()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
