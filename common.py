@@ -63,6 +63,34 @@ def parse_config(defaults, presets, argv=None, description=None):
     return config
 
 
+def parse_teachers(specs):
+    """["ocr=PATH", "geneval.pt", ...] -> {task: path}. A bare path is named by its file or
+    folder stem (ocr.pt -> ocr); a task named twice is an error."""
+    teachers = {}
+    for spec in specs:
+        task, sep, path = spec.partition("=")
+        if not sep:
+            task, path = Path(spec.rstrip("/")).stem, spec
+        if not task or not path:
+            raise ValueError(f"bad teacher {spec!r}; use TASK=PATH or a path named after its task")
+        if task in teachers:
+            raise ValueError(f"task {task!r} has two teachers: {teachers[task]} and {path}")
+        teachers[task] = path
+    return teachers
+
+
+def sample_rows(rows, n, seed, step, rank):
+    """n training rows for this step and rank, drawn with replacement from a generator seeded by
+    (seed, step, rank): a resumed run redraws exactly what the uninterrupted one would have."""
+    g = torch.Generator().manual_seed(seed * 7_919 + step * 31 + rank)
+    return [rows[i] for i in torch.randint(len(rows), (n,), generator=g).tolist()]
+
+
+def step_generator(device, seed, step, rank):
+    """The noise of this step's rollouts, a function of (seed, step, rank) alone."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step * 1_009 + rank)
+
+
 # -----------------------------------------------------------------------------
 # distributed (torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; gloo on CPU, nccl on GPU)
 
@@ -309,3 +337,22 @@ def _jsonable(v):
         return True
     except TypeError:
         return False
+
+
+def eval_and_log(policy, ema, params, rows, cfg, out, step):
+    """The periodic eval of a training run: EMA weights, ODE samples of every task's test
+    prompts, each task's score into metrics.jsonl and a grid (8 images per task) into samples/."""
+    from tqdm import tqdm
+    with ema_weights(ema, params):
+        summary, images, _ = evaluate(policy, rows, cfg["eval_steps"], cfg["guidance"], cfg["batch_size"],
+                                      seed=cfg["seed"])
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        log_metrics(out, {"step": step, "eval": summary})
+        tasks = list(summary)
+        grid = [im for t in tasks for im in [im for im, r in zip(images, rows) if r["task"] == t][:8]]
+        (Path(out) / "samples").mkdir(exist_ok=True)
+        image_grid(grid, cols=8, captions=tasks, scale=max(1, 64 // images[0].size[0])).save(
+            Path(out) / "samples" / f"step_{step:06d}.png")
+        tqdm.write(f"eval step {step}: " + ", ".join(f"{t} {s['mean']:.3f}" for t, s in summary.items()))
+    return summary

@@ -24,7 +24,7 @@ from tqdm import tqdm
 import common
 from prompts import load_prompts
 from rewards import get_reward, parse_reward_spec, set_device
-from sde_sampler import (BASE, add_student, decode, encode, load_policy, resolve_model, rollout, sde_step,
+from sde_sampler import (BASE, add_student, decode, encode, load_policy, resolve_model, rollout_batches, sde_step,
                          transition_kl, velocity)
 
 # -----------------------------------------------------------------------------
@@ -160,39 +160,22 @@ def main(argv=None):
         if master:
             print(f"resumed from {resume_from} at step {step}")
 
-    def evaluate(step):
-        with common.ema_weights(ema, params):
-            summary, images, _ = common.evaluate(policy, eval_rows, cfg["eval_steps"], cfg["guidance"],
-                                                 cfg["batch_size"], seed=cfg["seed"])
-        if master:
-            common.log_metrics(out, {"step": step, "eval": summary})
-            per_task = [[im for im, r in zip(images, eval_rows) if r["task"] == t][:8] for t in eval_tasks]
-            (out / "samples").mkdir(exist_ok=True)
-            common.image_grid([im for row in per_task for im in row], cols=8, captions=eval_tasks,
-                              scale=max(1, 64 // cfg["resolution"])).save(out / "samples" / f"step_{step:06d}.png")
-            tqdm.write(f"eval step {step}: " + ", ".join(f"{t} {s['mean']:.3f}" for t, s in summary.items()))
-
     if cfg["eval_every"] and step == 0:
-        evaluate(0)
+        common.eval_and_log(policy, ema, params, eval_rows, cfg, out, 0)
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, desc="grpo")
     while step < cfg["max_steps"]:
         t0 = time.time()
-        gen = torch.Generator(device).manual_seed(cfg["seed"] * 1_000_003 + step * 1_009 + rank)
-        pick = torch.randint(len(train_rows), (prompts_per_rank,), generator=torch.Generator().manual_seed(
-            cfg["seed"] * 7_919 + step * 31 + rank)).tolist()
-        batch_rows = [train_rows[i] for i in pick for _ in range(cfg["group_size"])]
+        gen = common.step_generator(device, cfg["seed"], step, rank)
+        picked = common.sample_rows(train_rows, prompts_per_rank, cfg["seed"], step, rank)
+        batch_rows = [r for r in picked for _ in range(cfg["group_size"])]
         groups = torch.arange(prompts_per_rank).repeat_interleave(cfg["group_size"])
 
         # rollouts: SDE samples of the current student, base velocities recorded for the KL term
         policy.transformer.eval()
-        chunks = []
-        for i in range(0, images_per_rank, cfg["batch_size"]):
-            rows = batch_rows[i:i + cfg["batch_size"]]
-            chunks.append(rollout(policy, [r["prompt"] for r in rows], cfg["num_steps"], cfg["guidance"],
-                                  cfg["noise_level"], generator=gen, labels={"ref": BASE} if cfg["beta"] else None))
-        traj = {k: torch.cat([c[k] for c in chunks]) for k in ("states", "next_states", "log_probs", "latents")}
-        ref = torch.cat([c["labels"]["ref"] for c in chunks]) if cfg["beta"] else None
-        sigmas = chunks[0]["sigmas"]
+        traj = rollout_batches(policy, [r["prompt"] for r in batch_rows], cfg["batch_size"],
+                               labels={"ref": BASE} if cfg["beta"] else None, num_steps=cfg["num_steps"],
+                               guidance=cfg["guidance"], noise_level=cfg["noise_level"], generator=gen)
+        ref, sigmas = traj["labels"].get("ref"), traj["sigmas"]
 
         # rewards: each image by its own task's reward (+ the shared one), then group advantages
         images = decode(policy, traj["latents"])
@@ -252,7 +235,7 @@ def main(argv=None):
             bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.2e}")
             bar.update(1)
         if cfg["eval_every"] and step % cfg["eval_every"] == 0:
-            evaluate(step)
+            common.eval_and_log(policy, ema, params, eval_rows, cfg, out, step)
         if master and (step % cfg["save_every"] == 0 or step == cfg["max_steps"]):
             common.save_checkpoint(policy, out, step, {"step": step, "optimizer": optimizer.state_dict(),
                                                         "ema": [e.cpu() for e in ema]}, cfg)

@@ -1,0 +1,306 @@
+"""
+Stage 2: multi-teacher on-policy distillation (Flow-OPD) with Manifold Anchor Regularization.
+
+    python opd_distill.py --preset tiny                                   # the shipped tiny teachers
+    python opd_distill.py --preset tiny --teachers count=runs/count/final text=runs/text/final \\
+        --anchor runs/clean/final --init runs/merge/final --out runs/opd
+    torchrun --nproc_per_node=2 opd_distill.py --preset tiny --out runs/opd_ddp
+    torchrun --nproc_per_node=8 opd_distill.py --teachers ocr=PATH geneval=PATH --out runs/opd   # SD3.5-M
+
+The student samples its own SDE trajectories. Every prompt carries a task tag and is routed to
+that task's teacher; the teacher's (and the anchor's) guided velocities at the visited states are
+recorded during the rollout, under no_grad, as labels. Training then needs only student forwards:
+
+    loss = mean over trained steps t of  KL(student(x_t) || teacher_task(x_t))       (--loss pathwise)
+           + beta_mar * KL(student(x_t) || anchor(x_t))                               (MAR)
+
+with KL the transition KL of sde_sampler.transition_kl: a time-weighted L2 between velocities.
+No VAE decode and no reward model run during training; they belong to eval.
+
+Why "pathwise": the authors' code builds an advantage -KL(student || teacher) per step but does
+not detach it, so what trains is grad KL. The LLM-style estimator (--loss pg) instead uses the
+sampled action's log-ratio as a detached per-step reward through the clipped surrogate; it has
+the same expected gradient (checked in the tests) and more variance. --loss both adds the two.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import common
+from prompts import load_prompts
+from rewards import get_reward, set_device
+from sde_sampler import (BASE, add_student, encode, load_adapter, load_policy, resolve_model, rollout_batches, sde_step,
+                         transition_kl, velocity)
+from teacher_grpo import ppo_loss
+
+# -----------------------------------------------------------------------------
+# defaults: SD3.5-Medium and the paper's settings; --preset tiny swaps in the tiny world
+DEFAULTS = dict(
+    model="",                  # hub id or pipeline folder; empty: SD3.5-Medium (or the preset's base)
+    teachers=[],               # TASK=PATH ... (or a path named after its task: ocr.pt)
+    anchor="",                 # MAR anchor LoRA (e.g. an aesthetic/PickScore teacher); empty: the base
+    init="",                   # the student's initial LoRA (merge_coldstart's output); empty: fresh LoRA
+    out="runs/opd",
+    resolution=512,
+    num_steps=10,              # SDE steps per rollout
+    eval_steps=40,
+    guidance=4.5,              # CFG in rollouts and in every student/teacher/anchor velocity
+    noise_level=0.7,
+    group_size=16,             # images per prompt
+    prompts_per_step=16,       # prompts per optimizer step over all ranks
+    batch_size=8,              # images per forward, per rank
+    timestep_fraction=0.99,    # train the first int(num_steps * 0.99) steps
+    loss="pathwise",           # pathwise | pg | both
+    gamma=0.0,                 # pg only: discount of the returns-to-go (0: each step its own KL)
+    clip_range=1e-4,           # pg only: PPO clip of the per-step ratio
+    kl_weighting="flowgrpo",   # flowgrpo (authors' normalisation) | exact (the true KL)
+    beta_mar=0.04,             # weight of the anchor KL
+    routing="mixed",           # mixed: every batch mixes tasks | alternate: one task per epoch, in turn
+    epochs_per_task="",        # alternate routing: "ocr=1,geneval=3" (default 1 each)
+    lr=1e-4,
+    weight_decay=1e-4,
+    max_grad_norm=1.0,
+    lora_rank=32,              # for a fresh student (no --init)
+    lora_alpha=64,
+    ema_decay=0.9,
+    max_steps=500,
+    eval_every=50,
+    eval_tasks="",             # empty: the teachers' tasks
+    eval_prompts=64,
+    save_every=50,
+    seed=0,
+)
+TINY_ASSETS = Path(__file__).resolve().parent / "assets" / "tiny"
+PRESETS = {
+    "tiny": dict(resolution=32, eval_steps=20, guidance=4.5, group_size=4, prompts_per_step=8, batch_size=16,
+                 lr=1e-3, lora_rank=8, lora_alpha=16, max_steps=60, eval_every=20, eval_prompts=32, save_every=20,
+                 ema_decay=0.8, eval_tasks="count,text,clean",
+                 teachers=[f"count={TINY_ASSETS / 'count'}", f"text={TINY_ASSETS / 'text'}"],
+                 anchor=str(TINY_ASSETS / "clean")),
+}
+
+
+# -----------------------------------------------------------------------------
+# the OPD maths: per-step KLs on fixed rollout states, and the policy-gradient variant
+
+def kl_scale(sigma, sigma_next, dims, weighting):
+    """log-probs are per-dimension means; this turns a per-dim log-ratio into the units of
+    transition_kl (exact: summed over dims; flowgrpo: mean over dims times |dt|)."""
+    return torch.full_like(sigma, float(dims)) if weighting == "exact" else sigma - sigma_next
+
+
+def returns_to_go(rewards, gamma):
+    """(B, T) per-step rewards -> discounted sums of the rewards from each step on."""
+    out = torch.zeros_like(rewards)
+    acc = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        acc = rewards[:, t] + gamma * acc
+        out[:, t] = acc
+    return out
+
+
+def pg_advantages(lp_student, lp_teacher, scales, gamma):
+    """The LLM-style OPD advantage: the sampled action's reward r_t = -(log pi_s - log pi_T)
+    (so E[r_t] = -KL_t, in transition_kl's units), summed forward with gamma, detached. The
+    surrogate uses Flow-GRPO's per-dim-mean ratio, whose gradient is 1/D of the full log-prob's,
+    hence the factor D: the expected gradient then equals the pathwise one."""
+    rewards = -(lp_student - lp_teacher) * scales
+    return returns_to_go(rewards, gamma).detach()
+
+
+def opd_loss(v, x, x_next, sigma, sigma_next, v_teacher, cfg, old_log_prob=None, adv=None, v_anchor=None):
+    """The loss of one trained step for a micro-batch, given the student's velocity v (with
+    gradient) at the rollout states x and the recorded labels. Returns (loss, kl, mar) with kl
+    and mar the per-sample KLs to the routed teacher and to the anchor (detached for logging)."""
+    kl = transition_kl(v, v_teacher, sigma, sigma_next, cfg["noise_level"], cfg["kl_weighting"])
+    loss = kl.mean() if cfg["loss"] in ("pathwise", "both") else torch.zeros((), device=v.device)
+    if cfg["loss"] in ("pg", "both"):
+        _, log_prob, _, _ = sde_step(v, x, sigma, sigma_next, cfg["noise_level"], prev_sample=x_next)
+        loss = loss + ppo_loss(log_prob, old_log_prob, adv, cfg["clip_range"])[0]
+    mar = torch.zeros_like(kl)
+    if v_anchor is not None and cfg["beta_mar"]:
+        mar = transition_kl(v, v_anchor, sigma, sigma_next, cfg["noise_level"], cfg["kl_weighting"])
+        loss = loss + cfg["beta_mar"] * mar.mean()
+    return loss, kl.detach(), mar.detach()
+
+
+def pg_batch_advantages(traj, v_teacher, sigmas, trained_steps, cfg):
+    """pg_advantages for a micro-batch: the teacher's log-prob of each sampled action comes from
+    its recorded velocity (no forward), the student's from the rollout. Shape (B, trained_steps)."""
+    s, s_next = sigmas[:trained_steps], sigmas[1:trained_steps + 1]
+    lp_teacher = torch.stack([sde_step(v_teacher[:, j], traj["states"][:, j], s[j].item(), s_next[j].item(),
+                                       cfg["noise_level"], prev_sample=traj["next_states"][:, j])[1]
+                              for j in range(trained_steps)], 1)
+    dims = traj["states"][0, 0].numel()
+    scales = kl_scale(s, s_next, dims, cfg["kl_weighting"]).to(lp_teacher)
+    return pg_advantages(traj["log_probs"][:, :trained_steps], lp_teacher, scales, cfg["gamma"]) * dims
+
+
+def task_schedule(step, sizes, prompts_per_step, epochs_per_task):
+    """Alternate routing: the task whose prompts step `step` draws. Task k holds the stage for
+    epochs_per_task[k] passes over its sizes[k] prompts, then the next task, in a cycle."""
+    spans = [(t, max(1, round(epochs_per_task.get(t, 1) * n / prompts_per_step))) for t, n in sizes.items()]
+    pos = step % sum(n for _, n in spans)
+    for t, n in spans:
+        if pos < n:
+            return t
+        pos -= n
+    raise AssertionError("unreachable")
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = common.parse_config(DEFAULTS, PRESETS, argv, description=__doc__.split("\n\n")[0])
+    rank, world, device = common.setup_dist()
+    master = rank == 0
+    with common.startup_errors():
+        teachers = common.parse_teachers(cfg["teachers"])
+        if not teachers:
+            raise ValueError("no teachers: pass --teachers TASK=PATH ...")
+        if cfg["loss"] not in ("pathwise", "pg", "both"):
+            raise ValueError(f"unknown --loss {cfg['loss']!r}; use pathwise, pg or both")
+        if cfg["routing"] not in ("mixed", "alternate"):
+            raise ValueError(f"unknown --routing {cfg['routing']!r}; use mixed or alternate")
+        epochs = {t: float(e) for t, _, e in (s.partition("=") for s in cfg["epochs_per_task"].split(",") if s)}
+        if set(epochs) - set(teachers):
+            raise ValueError(f"--epochs_per_task names tasks without a teacher: {sorted(set(epochs) - set(teachers))}")
+        train_rows = {t: load_prompts(t, "train") for t in teachers}
+        eval_tasks = [t for t in (cfg["eval_tasks"].split(",") if cfg["eval_tasks"] else teachers) if t]
+        for t in eval_tasks:
+            get_reward(t)
+        eval_rows = [r for t in eval_tasks for r in load_prompts(t, "test")[: cfg["eval_prompts"]]]
+        if cfg["prompts_per_step"] % world:
+            raise ValueError(f"--prompts_per_step {cfg['prompts_per_step']} is not divisible by {world} ranks")
+        prompts_per_rank = cfg["prompts_per_step"] // world
+        images_per_rank = prompts_per_rank * cfg["group_size"]
+        if images_per_rank % cfg["batch_size"]:
+            raise ValueError(f"--batch_size {cfg['batch_size']} does not divide the {images_per_rank} images per rank "
+                             f"({prompts_per_rank} prompts x group of {cfg['group_size']})")
+        out = Path(cfg["out"])
+        resume_from = common.prepare_out(out, cfg["resume"])
+        cfg["model"] = resolve_model(cfg["model"], cfg["preset"])
+
+        # one base in memory; teachers, anchor and student are adapters on it, all checked first
+        torch.manual_seed(cfg["seed"])
+        set_device(device)
+        policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"])
+        for task, path in teachers.items():
+            load_adapter(policy, path, task)
+        anchor = BASE
+        if cfg["anchor"]:
+            anchor = load_adapter(policy, cfg["anchor"], "anchor")
+        init = resume_from or cfg["init"] or None
+        params = add_student(policy, rank=cfg["lora_rank"], alpha=cfg["lora_alpha"], init=init)
+    micro = images_per_rank // cfg["batch_size"]
+    trained_steps = int(cfg["num_steps"] * cfg["timestep_fraction"])
+    all_rows = [r for rows in train_rows.values() for r in rows]
+    encode(policy, sorted({r["prompt"] for r in all_rows + eval_rows}))
+    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    ema = common.ema_init(params)
+    step = 0
+    if resume_from is not None:
+        state = common.load_training_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        ema = [e.to(device) for e in state["ema"]]
+        step = state["step"]
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        common.write_json(out / "config.json", cfg)
+        print(f"teachers {teachers} | anchor {cfg['anchor'] or 'base'} (beta_mar {cfg['beta_mar']}) | "
+              f"init {init or 'fresh LoRA'} | loss {cfg['loss']} | routing {cfg['routing']}")
+        print(f"per step: {cfg['prompts_per_step']} prompts x group {cfg['group_size']} = "
+              f"{cfg['prompts_per_step'] * cfg['group_size']} images over {world} rank(s); per rank "
+              f"{images_per_rank} images in {micro} micro-batches of {cfg['batch_size']}; "
+              f"{trained_steps} of {cfg['num_steps']} steps trained; {sum(p.numel() for p in params)} trainable")
+        if resume_from is not None:
+            print(f"resumed from {resume_from} at step {step}")
+
+    if cfg["eval_every"] and step == 0:
+        common.eval_and_log(policy, ema, params, eval_rows, cfg, out, 0)
+    bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, desc="opd")
+    while step < cfg["max_steps"]:
+        t0 = time.time()
+        rows = all_rows if cfg["routing"] == "mixed" else train_rows[task_schedule(
+            step, {t: len(r) for t, r in train_rows.items()}, cfg["prompts_per_step"], epochs)]
+        picked = common.sample_rows(rows, prompts_per_rank, cfg["seed"], step, rank)
+        batch_rows = [r for r in picked for _ in range(cfg["group_size"])]
+        gen = common.step_generator(device, cfg["seed"], step, rank)
+
+        # rollouts of the student; routed teacher and anchor velocities recorded as labels
+        policy.transformer.eval()
+        labels = {"teacher": [r["task"] for r in batch_rows]}
+        if cfg["beta_mar"]:
+            labels["anchor"] = anchor
+        traj = rollout_batches(policy, [r["prompt"] for r in batch_rows], cfg["batch_size"], labels=labels,
+                               num_steps=cfg["num_steps"], guidance=cfg["guidance"], noise_level=cfg["noise_level"],
+                               generator=gen)
+        lab, sigmas = traj.pop("labels"), traj.pop("sigmas")
+        del traj["latents"]
+
+        # training: the student is the only model with gradients
+        policy.transformer.train()
+        kl_sum = torch.zeros(len(teachers), trained_steps)
+        kl_cnt = torch.zeros(len(teachers), 1)
+        task_ids = torch.tensor([list(teachers).index(r["task"]) for r in batch_rows])
+        mar_sum = torch.zeros(trained_steps)
+        for m in range(micro):
+            idx = torch.arange(m * cfg["batch_size"], (m + 1) * cfg["batch_size"])
+            cond = encode(policy, [batch_rows[i]["prompt"] for i in idx.tolist()])
+            kl_cnt[:, 0] += torch.bincount(task_ids[idx], minlength=len(teachers))
+            mb = {k: v[idx] for k, v in traj.items()}
+            adv = pg_batch_advantages(mb, lab["teacher"][idx], sigmas, trained_steps, cfg) \
+                if cfg["loss"] != "pathwise" else None
+            for j in range(trained_steps):
+                s, s_next = sigmas[j].item(), sigmas[j + 1].item()
+                v = velocity(policy, mb["states"][:, j], s, cond, cfg["guidance"])
+                loss, kl, mar = opd_loss(v, mb["states"][:, j], mb["next_states"][:, j], s, s_next,
+                                         lab["teacher"][idx, j], cfg, mb["log_probs"][:, j],
+                                         adv[:, j] if adv is not None else None,
+                                         lab["anchor"][idx, j] if "anchor" in lab else None)
+                mar_sum[j] += mar.sum().cpu()
+                (loss / (micro * trained_steps)).backward()
+                kl_sum[:, j] += torch.zeros(len(teachers)).index_add_(0, task_ids[idx], kl.cpu())
+        common.sync_grads(params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["max_grad_norm"]).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        common.ema_update(ema, params, cfg["ema_decay"])
+        step += 1
+
+        # per task and per trajectory step: the KL to the teacher (it must fall) and the MAR KL
+        kl_tab = (common.all_mean(kl_sum) / common.all_mean(kl_cnt).clamp(min=1e-9)).float()
+        mar_tab = common.all_mean(mar_sum).float() / images_per_rank
+        seen = common.all_mean(kl_cnt[:, 0]) > 0
+        record = {"step": step, "kl": kl_tab[seen].mean().item(), "mar_kl": mar_tab.mean().item(),
+                  "grad_norm": grad_norm, "sec": time.time() - t0,
+                  "kl_by_task": {t: kl_tab[k].mean().item() for k, t in enumerate(teachers) if seen[k]},
+                  "kl_by_step": {t: [round(v, 6) for v in kl_tab[k].tolist()] for k, t in enumerate(teachers) if seen[k]},
+                  "mar_by_step": [round(v, 6) for v in mar_tab.tolist()]}
+        if master:
+            common.log_metrics(out, record)
+            bar.set_postfix(kl=f"{record['kl']:.3e}", mar=f"{record['mar_kl']:.2e}")
+            bar.update(1)
+        if cfg["eval_every"] and step % cfg["eval_every"] == 0:
+            common.eval_and_log(policy, ema, params, eval_rows, cfg, out, step)
+        if master and (step % cfg["save_every"] == 0 or step == cfg["max_steps"]):
+            common.save_checkpoint(policy, out, step, {"step": step, "optimizer": optimizer.state_dict(),
+                                                        "ema": [e.cpu() for e in ema]}, cfg)
+        common.barrier()
+    bar.close()
+    common.check_in_sync(params)
+    if world > 1 and master:
+        print(f"ranks in sync: {world} ranks hold identical LoRA weights")
+    if master:
+        with common.ema_weights(ema, params):
+            common.save_final(policy, out, cfg)
+        print(f"done: {out / 'final'}")
+    common.cleanup_dist()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,166 @@
+"""Flow-OPD: the estimators (pathwise = literal KL; pg unbiased for it), a self-teacher gives zero
+loss, torchrun, resume, and start-up errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import opd_distill
+from opd_distill import opd_loss, pg_batch_advantages, returns_to_go, task_schedule
+from sde_sampler import (add_student, build_tiny_pipeline, encode, load_adapter, load_policy, rollout,
+                         save_adapter, sde_step, transition_kl, using_adapter, velocity)
+
+REPO = Path(__file__).resolve().parents[1]
+CFG = dict(noise_level=0.7, kl_weighting="exact", loss="pathwise", beta_mar=0.0, clip_range=1e-4, gamma=0.0)
+
+
+def _lora(policy, folder, seed, std=0.05):
+    """A random LoRA saved as a teacher folder (the student adapter is re-randomised)."""
+    params = add_student(policy, rank=4, alpha=4) if policy.student is None else \
+        [p for n, p in policy.transformer.named_parameters() if ".student." in n]
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(std=std)
+    save_adapter(policy, "student", folder)
+    return params
+
+
+def _grads(params):
+    return torch.cat([p.grad.reshape(-1).clone() for p in params])
+
+
+def test_returns_to_go_and_schedule():
+    r = torch.tensor([[1.0, 2.0, 4.0]])
+    assert torch.equal(returns_to_go(r, 0.0), r)
+    torch.testing.assert_close(returns_to_go(r, 0.5), torch.tensor([[1 + 1 + 1.0, 2 + 2.0, 4.0]]))
+    sizes = {"ocr": 16, "geneval": 16}
+    seq = [task_schedule(s, sizes, 8, {"ocr": 1, "geneval": 3}) for s in range(16)]
+    assert seq == ["ocr"] * 2 + ["geneval"] * 6 + ["ocr"] * 2 + ["geneval"] * 6
+
+
+def test_pathwise_is_the_literal_kl_and_pg_is_unbiased_for_it(policy, tmp_path):
+    _lora(policy, tmp_path / "teacher", seed=1)
+    load_adapter(policy, tmp_path / "teacher", "count")
+    params = _lora(policy, tmp_path / "unused", seed=2)
+    prompt, n, j = "a red circle", 1024, 3
+    out = rollout(policy, [prompt], 6, 1.0, 0.7, generator=torch.Generator().manual_seed(0))
+    x = out["states"][:, j].expand(n, -1, -1, -1).contiguous()
+    s, s_next = out["sigmas"][j].item(), out["sigmas"][j + 1].item()
+    cond = encode(policy, [prompt] * n)
+    with torch.no_grad():
+        with using_adapter(policy, "count"):
+            v_t = velocity(policy, x, s, cond, 1.0)
+    # the sampled actions: many draws of the student's transition from one state
+    with torch.no_grad():
+        v0 = velocity(policy, x, s, cond, 1.0)
+    x_next, lp_old, _, _ = sde_step(v0, x, s, s_next, 0.7, generator=torch.Generator().manual_seed(5))
+    sig = torch.tensor([s, s_next])
+    mb = {"states": x[:, None], "next_states": x_next[:, None], "log_probs": lp_old[:, None]}
+
+    # pathwise: the loss is the literal KL and its gradient is autograd's on transition_kl
+    v = velocity(policy, x[:8], s, encode(policy, [prompt] * 8), 1.0)
+    loss, kl, _ = opd_loss(v, x[:8], x_next[:8], s, s_next, v_t[:8], CFG)
+    per_sample = transition_kl(v, v_t[:8], s, s_next, 0.7, "exact")
+    literal = per_sample.mean()
+    assert torch.equal(loss, literal) and torch.equal(kl, per_sample.detach())
+    g_loss = torch.autograd.grad(loss, params, retain_graph=True)
+    g_lit = torch.autograd.grad(literal, params)
+    assert all(torch.equal(a, b) for a, b in zip(g_loss, g_lit))
+
+    # pg over many sampled actions vs pathwise at the same state
+    grads = {}
+    for mode in ("pathwise", "pg"):
+        cfg = {**CFG, "loss": mode}
+        adv = pg_batch_advantages(mb, v_t[:, None], sig, 1, cfg) if mode == "pg" else None
+        for p in params:
+            p.grad = None
+        for k in range(0, n, 512):
+            sl = slice(k, k + 512)
+            v = velocity(policy, x[sl], s, encode(policy, [prompt] * 512), 1.0)
+            loss, _, _ = opd_loss(v, x[sl], x_next[sl], s, s_next, v_t[sl], cfg, lp_old[sl],
+                                  adv[sl, 0] if adv is not None else None)
+            (loss * 512 / n).backward()
+        grads[mode] = _grads(params)
+    cos = torch.nn.functional.cosine_similarity(grads["pathwise"], grads["pg"], dim=0).item()
+    ratio = (grads["pg"].norm() / grads["pathwise"].norm()).item()
+    assert cos >= 0.9, cos
+    assert 0.7 < ratio < 1.4, ratio  # same scale too: pg is unbiased for the same objective
+
+
+def _args(pipe_dir, out, teachers, **over):
+    cfg = dict(model=str(pipe_dir), out=str(out), resolution=32, num_steps=3, eval_steps=3, group_size=2,
+               prompts_per_step=2, batch_size=4, lr=1e-3, max_steps=2, eval_every=0, eval_tasks="count,text",
+               eval_prompts=2, save_every=1, beta_mar=0.04, seed=0, lora_rank=4, lora_alpha=4)
+    cfg.update(over)
+    args = [x for k, v in cfg.items() for x in (f"--{k}", str(v))]
+    return args + ["--teachers", *teachers]
+
+
+def test_self_teacher_gives_zero_loss_and_gradient(tiny_pipe_dir, tmp_path):
+    pol = load_policy(str(tiny_pipe_dir), device="cpu")
+    _lora(pol, tmp_path / "count", seed=3)
+    opd_distill.main(_args(tiny_pipe_dir, tmp_path / "run", [f"count={tmp_path / 'count'}"], beta_mar=0.0,
+                           init=tmp_path / "count", max_steps=1))
+    rec = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")][0]
+    assert rec["kl"] == 0.0 and rec["grad_norm"] == 0.0
+    # a different teacher gives a positive KL and a gradient (the control)
+    _lora(pol, tmp_path / "other", seed=4)
+    opd_distill.main(_args(tiny_pipe_dir, tmp_path / "run2", [f"count={tmp_path / 'other'}"], beta_mar=0.0,
+                           init=tmp_path / "count", max_steps=1))
+    rec = [json.loads(line) for line in open(tmp_path / "run2" / "metrics.jsonl")][0]
+    assert rec["kl"] > 0 and rec["grad_norm"] > 0
+    assert set(rec["kl_by_step"]["count"]) and len(rec["kl_by_step"]["count"]) == 2
+
+
+def test_two_teachers_kl_falls_and_resume(tiny_pipe_dir, tmp_path):
+    pol = load_policy(str(tiny_pipe_dir), device="cpu")
+    _lora(pol, tmp_path / "count", seed=5, std=0.1)
+    _lora(pol, tmp_path / "text", seed=6, std=0.1)
+    teachers = [f"count={tmp_path / 'count'}", f"text={tmp_path / 'text'}"]
+    opd_distill.main(_args(tiny_pipe_dir, tmp_path / "a", teachers, max_steps=8, lr=2e-2, save_every=4))
+    recs = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
+    assert recs[-1]["kl"] < 0.5 * recs[0]["kl"], [r["kl"] for r in recs]
+    assert set(recs[0]["kl_by_task"]) <= {"count", "text"} and "mar_kl" in recs[0]
+    opd_distill.main(_args(tiny_pipe_dir, tmp_path / "a", teachers, max_steps=10, lr=2e-2, save_every=4)
+                     + ["--resume"])
+    recs = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
+    assert [r["step"] for r in recs] == list(range(1, 11))  # continued at step 9, not 1
+
+
+def test_bad_inputs(tiny_pipe_dir, tmp_path):
+    pol = load_policy(str(tiny_pipe_dir), device="cpu")
+    _lora(pol, tmp_path / "count", seed=5)
+    ok = f"count={tmp_path / 'count'}"
+    with pytest.raises(SystemExit, match="missing_dir: LoRA checkpoint not found"):
+        opd_distill.main(_args(tiny_pipe_dir, tmp_path / "r", [ok, f"text={tmp_path / 'missing_dir'}"]))
+    with pytest.raises(SystemExit, match="no built-in prompts for task 'nonsense'"):
+        opd_distill.main(_args(tiny_pipe_dir, tmp_path / "r", [ok, f"nonsense={tmp_path / 'count'}"]))
+    with pytest.raises(SystemExit, match="task 'count' has two teachers"):
+        opd_distill.main(_args(tiny_pipe_dir, tmp_path / "r", [ok, ok]))
+    other_dir = tmp_path / "other_base"
+    build_tiny_pipeline(other_dir, seed=1, num_layers=2, head_dim=16)
+    other = load_policy(str(other_dir), device="cpu")
+    _lora(other, tmp_path / "text", seed=1)
+    with pytest.raises(SystemExit, match=r"text: layer transformer_blocks\.0\.attn\.\S+ has LoRA shape"):
+        opd_distill.main(_args(tiny_pipe_dir, tmp_path / "r", [ok, f"text={tmp_path / 'text'}"]))
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()  # nothing ran
+
+
+def test_torchrun_two_ranks(tiny_pipe_dir, tmp_path):
+    pol = load_policy(str(tiny_pipe_dir), device="cpu")
+    _lora(pol, tmp_path / "count", seed=5, std=0.1)
+    _lora(pol, tmp_path / "text", seed=6, std=0.1)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           str(REPO / "opd_distill.py"),
+           *_args(tiny_pipe_dir, out, [f"count={tmp_path / 'count'}", f"text={tmp_path / 'text'}"], save_every=100)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "ranks in sync: 2 ranks hold identical LoRA weights" in res.stdout
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2]
