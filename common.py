@@ -50,7 +50,7 @@ def parse_config(defaults, presets, argv=None, description=None):
         if key in ("preset", "resume"):
             continue
         if isinstance(value, list):
-            parser.add_argument(f"--{key}", nargs="*", default=None)
+            parser.add_argument(f"--{key}", nargs="*", action="extend", default=None)
         else:
             parser.add_argument(f"--{key}", type=_flag_type(value), default=None)
     args = vars(parser.parse_args(argv))

@@ -409,8 +409,11 @@ def _read_state_file(path):
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+        except Exception as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -1,0 +1,381 @@
+"""
+Score any set of checkpoints side by side on every task: a table, image grids, per-image details.
+
+    python eval.py --preset tiny --ckpt base count=runs/count/final student=runs/opd/final --out runs/eval_tiny
+    python eval.py --ckpt base --ckpt ocr=runs/ocr/final --ckpt student=runs/opd/final \\
+        --tasks geneval,ocr,pickscore --out runs/eval                                      # SD3.5-Medium
+    torchrun --nproc_per_node=8 eval.py --ckpt base ocr=jieliu/SD3.5M-FlowGRPO-Text --num_prompts 100 --out runs/eval
+
+Every checkpoint is a LoRA adapter on ONE loaded base (`base` is the base itself, adapters
+off); NAME=PATH names one, a bare PATH is named by its stem. Any form load_adapter accepts
+works: our diffusers folders, peft folders, .safetensors/.pt state dicts, hub ids. All are
+checked before any sampling, so a bad path stops the run at once, named.
+
+Each task's prompts (its built-in test split, or --prompts TASK=FILE) are sampled with the ODE
+(noise_level 0) from fixed per-prompt noise: the i-th prompt of a task starts from seed
+`seed + i`, so every checkpoint sees the same noise and a --num_prompts run is a prefix of the
+full one. A task without prompts of its own (pickscore) scores the images of all other tasks.
+Prompts are sharded over ranks and every forward pass has the same batch shape (the last batch
+is padded), so an image does not depend on the number of ranks, bit for bit.
+
+Images are cached as PNG in --cache_dir (default OUT/cache) under a hash of (checkpoint weights,
+base model, prompt, seed, steps, guidance, resolution, dtype, device type): re-scoring with
+another reward, adding a checkpoint, a task or more prompts regenerates nothing already there.
+
+Writes into --out: results.json {checkpoint: {task: {"mean", "strict", "n"}}} ("strict" where
+the reward has a pass/fail), results.md (the table), grid_<task>.png (rows = prompts, columns =
+checkpoints, each cell's score in its corner), details.jsonl (one line per image and task: prompt,
+seed, score and what the reward read or detected) and config.json.
+"""
+
+import hashlib
+import json
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+import common
+import tinyworld
+from prompts import BUILTIN, TINY_TASKS, load_prompts
+from rewards import get_reward, set_device
+from sde_sampler import BASE, decode, encode, initial_noise, load_adapter, load_policy, read_lora, resolve_model, rollout
+
+# -----------------------------------------------------------------------------
+# defaults: SD3.5-Medium's eval settings (Flow-GRPO's); --preset tiny swaps in the tiny world
+DEFAULTS = dict(
+    model="",                        # hub id or pipeline folder; empty: SD3.5-Medium (or the preset's base)
+    ckpt=["base"],                   # base | NAME=PATH | PATH (named by its stem), several allowed
+    tasks="geneval,ocr,pickscore",   # each scored by its own reward; pickscore scores every other task's images
+    prompts=[],                      # TASK=FILE: a prompt file (prompts.py formats) instead of the built-in set
+    split="test",
+    num_prompts=0,                   # prompts per task, the first N of the set; 0: all
+    out="runs/eval",
+    cache_dir="",                    # generated images, by content key; empty: OUT/cache
+    resolution=512,
+    eval_steps=40,                   # ODE steps
+    guidance=4.5,
+    batch_size=8,                    # images per forward pass, per rank
+    grid_prompts=6,                  # rows (prompts) in each task's grid
+    seed=0,                          # the i-th prompt of every task starts from initial_noise seed + i
+)
+PRESETS = {
+    "tiny": dict(resolution=tinyworld.SAMPLING["resolution"], eval_steps=tinyworld.SAMPLING["eval_steps"],
+                 guidance=tinyworld.SAMPLING["guidance"], tasks=",".join(tinyworld.TASKS), batch_size=tinyworld.EVAL_BATCH,
+                 grid_prompts=8),
+}
+CACHE_VERSION = 1     # bump when the sampler's numerics change, to orphan the old cache
+CELL_MIN = 256        # grid cells are scaled up (nearest) to at least this many pixels
+HEADER_H = 16         # grid: strip with the checkpoint names
+CAPTION_H = 28        # grid: two lines of prompt above each row
+GAP = 4               # grid: white space between checkpoint columns
+# -----------------------------------------------------------------------------
+
+
+def parse_checkpoints(specs):
+    """["base", "ocr=PATH", "runs/x/opd.pt"] -> {name: source}, BASE's source being None."""
+    ckpts = {}
+    for spec in specs:
+        name, sep, source = spec.partition("=")
+        if not sep:
+            name, source = (BASE, None) if spec == BASE else (Path(spec.rstrip("/")).stem, spec)
+        if not name or (sep and not source):
+            raise ValueError(f"bad --ckpt {spec!r}; use base, NAME=PATH or a PATH named after the checkpoint")
+        if sep and name == BASE:
+            raise ValueError(f"--ckpt {spec!r}: the name {BASE!r} is reserved for the model without adapters")
+        if name in ckpts:
+            raise ValueError(f"two checkpoints named {name!r}: {ckpts[name]} and {source}; name them NAME=PATH")
+        ckpts[name] = source
+    if not ckpts:
+        raise ValueError("no checkpoint to evaluate; pass --ckpt base and/or NAME=PATH")
+    return ckpts
+
+
+def lora_fingerprint(source):
+    """A hash of a LoRA's weights and config, whatever form it comes in (folder, file, hub id):
+    the same adapter saved twice keys the same cached images, a retrained one does not."""
+    state, kwargs = read_lora(source)
+    h = hashlib.sha256(json.dumps(kwargs, sort_keys=True, default=str).encode())
+    for key in sorted(state):
+        t = state[key].detach().contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_fingerprint(model):
+    """A pipeline folder by the names, sizes and mtimes of its files (hashing GBs of weights
+    would cost more than it saves); a hub id by its name."""
+    root = Path(model)
+    if not root.is_dir():
+        return model
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    stats = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+
+
+def cache_key(model_id, ckpt_id, row, settings):
+    blob = json.dumps([CACHE_VERSION, model_id, ckpt_id, row["prompt"], row["seed"], settings], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def eval_rows(tasks, split, num_prompts, files, seed):
+    """The rows to sample (the tasks that have prompts, in order, each cut to num_prompts; the
+    i-th of a task gets seed + i) and, per task, the indices of the rows its reward scores."""
+    rows, plan = [], {}
+    own = [t for t in tasks if t in files or t in BUILTIN or t in TINY_TASKS]
+    for task in own:
+        part = load_prompts(task, split, files.get(task))
+        part = part[:num_prompts] if num_prompts else part
+        for i, row in enumerate(part):
+            row["seed"] = seed + i
+        plan[task] = list(range(len(rows), len(rows) + len(part)))
+        rows += part
+    for task in tasks:
+        if task not in plan:
+            if not rows:
+                raise ValueError(f"task {task!r} has no built-in prompts: pass --prompts {task}=FILE, or evaluate "
+                                 "it together with a task that has prompts (it then scores their images)")
+            plan[task] = list(range(len(rows)))
+    return rows, {t: plan[t] for t in tasks}
+
+
+# -----------------------------------------------------------------------------
+# sampling through the cache
+
+def load_png(path):
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def save_png(image, path):
+    """Atomically: a killed run or a concurrent one never leaves a half-written PNG behind."""
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.png")
+    image.save(tmp)
+    tmp.replace(path)
+
+
+@torch.no_grad()
+def images_for(policy, adapter, rows, mine, paths, cfg, desc, progress):
+    """{row index: image} for this rank's rows: from the cache, else sampled in batches of
+    batch_size and cached. The last batch is padded with copies of its last row: the kernels'
+    rounding depends on the batch shape (not on the other samples), so a fixed shape makes an
+    image a function of its own prompt and noise. Returns (images, number generated)."""
+    images = {i: load_png(paths[i]) for i in mine if paths[i].exists()}
+    todo = [i for i in mine if i not in images]
+    bs = cfg["batch_size"]
+    with tqdm(total=len(todo), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for k in range(0, len(todo), bs):
+            batch = todo[k:k + bs]
+            padded = batch + batch[-1:] * (bs - len(batch))
+            x = initial_noise(policy, [rows[i]["seed"] for i in padded])
+            out = rollout(policy, [rows[i]["prompt"] for i in padded], cfg["eval_steps"], cfg["guidance"], 0.0,
+                          latents=x, adapter=adapter)
+            for i, im in zip(batch, decode(policy, out["latents"])):
+                save_png(im, paths[i])
+                images[i] = im
+            bar.update(len(batch))
+    return images, len(todo)
+
+
+def score(rows, plan, images, batch_size):
+    """Every task's reward on the rows of its plan that this rank holds: [(task, row, score, info)]."""
+    records = []
+    for task, idx in plan.items():
+        mine = [i for i in idx if i in images]
+        for k in range(0, len(mine), batch_size):
+            chunk = mine[k:k + batch_size]
+            scores, info = get_reward(task)([images[i] for i in chunk], [rows[i]["prompt"] for i in chunk],
+                                            [rows[i]["metadata"] for i in chunk])
+            records += [(task, i, s, inf) for i, s, inf in zip(chunk, scores.tolist(), info)]
+    return records
+
+
+def summarise(records, plan):
+    """{task: {"mean", "strict", "n"}} from one checkpoint's records ("strict" where given)."""
+    out = {}
+    for task in plan:
+        mine = [r for r in records if r[0] == task]
+        strict = [bool(r[3]["strict"]) for r in mine if "strict" in r[3]]
+        out[task] = {"mean": sum(r[2] for r in mine) / len(mine)}
+        if strict:
+            out[task]["strict"] = sum(strict) / len(strict)
+        out[task]["n"] = len(mine)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# outputs
+
+def results_table(results, cfg, n_rows):
+    """Markdown: one row per checkpoint, one column per task and the average of the task means."""
+    tasks = list(next(iter(results.values())))
+    shown = {t: [f"{r[t]['mean']:.3f}" for r in results.values()] for t in tasks}
+    best = {t: max(v, key=float) if len(set(v)) > 1 else None for t, v in shown.items()}
+    lines = [f"# Eval: {cfg['model']}", "",
+             f"ODE, {cfg['eval_steps']} steps, guidance {cfg['guidance']}, {cfg['resolution']} px, "
+             f"the i-th prompt of a task from seed {cfg['seed']} + i for every checkpoint; {cfg['split']} prompts: "
+             + ", ".join(f"{t} {n}" for t, n in n_rows.items()), "",
+             "| checkpoint | " + " | ".join(tasks) + " | average |",
+             "| --- | " + " | ".join("---:" for _ in tasks) + " | ---: |"]
+    for name, res in results.items():
+        cells = []
+        for t in tasks:
+            cell = f"{res[t]['mean']:.3f}" + (f" ({res[t]['strict']:.3f})" if "strict" in res[t] else "")
+            cells.append(f"**{cell}**" if f"{res[t]['mean']:.3f}" == best[t] else cell)
+        avg = sum(res[t]["mean"] for t in tasks) / len(tasks)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {avg:.3f} |")
+    lines += ["", "Each cell: the task's mean reward (partial credit), with its strict pass rate in parentheses "
+              "where the task has one (GenEval's accuracy, exact OCR match); best mean in bold. "
+              "pickscore is PickScore / 26. average: the mean of the task means.", ""]
+    return "\n".join(lines)
+
+
+def comparison_grid(cells, names, prompts):
+    """cells[r][c]: (image, score) of prompt r under checkpoint c. A header with the checkpoint
+    names, and above each row its prompt (two lines at most); small images scaled up, nearest."""
+    w, h = cells[0][0][0].size
+    scale = max(1, -(-CELL_MIN // w))
+    w, h = w * scale, h * scale
+    font = ImageFont.load_default()
+    grid = Image.new("RGB", (len(names) * (w + GAP) - GAP, HEADER_H + len(cells) * (CAPTION_H + h)), "white")
+    draw = ImageDraw.Draw(grid)
+    chars = max(8, grid.width // 6)
+    for c, name in enumerate(names):
+        draw.text((c * (w + GAP) + 2, 2), name[: w // 6], fill="black", font=font)
+    for r, (row, prompt) in enumerate(zip(cells, prompts)):
+        top = HEADER_H + r * (CAPTION_H + h)
+        draw.line([(0, top), (grid.width, top)], fill="#bbb")
+        text = "\n".join(textwrap.wrap(prompt, chars, max_lines=2, placeholder="..."))
+        draw.multiline_text((3, top + 2), text, fill="black", font=font, spacing=1)
+        for c, (im, s) in enumerate(row):
+            x = c * (w + GAP)
+            grid.paste(im.resize((w, h), Image.NEAREST), (x, top + CAPTION_H))
+            box = draw.textbbox((x + 2, top + CAPTION_H + 2), f"{s:.2f}", font=font)
+            draw.rectangle([box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1], fill="white")
+            draw.text((x + 2, top + CAPTION_H + 2), f"{s:.2f}", fill="black", font=font)
+    return grid
+
+
+def _json_default(o):
+    return o.item() if hasattr(o, "item") else str(o)
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = common.parse_config(DEFAULTS, PRESETS, argv, description=__doc__.split("\n\n")[0])
+    rank, world, device = common.setup_dist()
+    master = rank == 0
+    with common.startup_errors():
+        tasks = list(dict.fromkeys(t.strip() for t in cfg["tasks"].split(",") if t.strip()))
+        if not tasks:
+            raise ValueError("--tasks is empty")
+        for t in tasks:
+            get_reward(t)
+        files = {}
+        for spec in cfg["prompts"]:
+            task, sep, path = spec.partition("=")
+            if not sep or task not in tasks:
+                raise ValueError(f"bad --prompts {spec!r}; use TASK=FILE with TASK one of --tasks ({', '.join(tasks)})")
+            files[task] = path
+        rows, plan = eval_rows(tasks, cfg["split"], cfg["num_prompts"], files, cfg["seed"])
+        ckpts = parse_checkpoints(cfg["ckpt"])
+        fingerprints = {}
+        for name, source in ckpts.items():
+            try:
+                fingerprints[name] = "base" if source is None else lora_fingerprint(source)
+            except (ValueError, FileNotFoundError) as e:
+                raise ValueError(f"--ckpt {name}: {e.args[0] if e.args else e}") from None
+            except Exception as e:  # a corrupt file surfaces as its reader's own error type
+                raise ValueError(f"--ckpt {name}: {source}: unreadable ({type(e).__name__}: {e})") from None
+        cfg["model"] = resolve_model(cfg["model"], cfg["preset"])
+        if cfg["batch_size"] < 1 or cfg["grid_prompts"] < 0:
+            raise ValueError("--batch_size must be at least 1 and --grid_prompts at least 0")
+    out = Path(cfg["out"])
+    cache = Path(cfg["cache_dir"] or out / "cache")
+    cache.mkdir(parents=True, exist_ok=True)
+
+    set_device(device)
+    policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"])
+    adapters = {}
+    with common.startup_errors():
+        for k, (name, source) in enumerate(ckpts.items()):
+            try:
+                adapters[name] = BASE if source is None else load_adapter(policy, source, f"ckpt{k}")
+            except (ValueError, FileNotFoundError) as e:
+                raise ValueError(f"--ckpt {name}: {e.args[0] if e.args else e}") from None
+
+    # every image's place in the cache; rank r samples rows r, r + world, ... of every checkpoint
+    settings = dict(steps=cfg["eval_steps"], guidance=cfg["guidance"], resolution=policy.resolution,
+                    dtype=str(policy.dtype), device=device.type)
+    model_id = model_fingerprint(cfg["model"])
+    paths = {name: [cache / f"{cache_key(model_id, fingerprints[name], r, settings)}.png" for r in rows]
+             for name in ckpts}
+    mine = list(range(rank, len(rows), world))
+    missing = sum(not p.exists() for ps in paths.values() for p in ps)
+    if missing:  # every rank embeds all prompts in one call, so the text encoders see the same batches
+        encode(policy, sorted({r["prompt"] for r in rows}))
+    grid_rows = {t: idx[: cfg["grid_prompts"]] for t, idx in plan.items()}
+    show = set(i for idx in grid_rows.values() for i in idx)
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        cached = len(ckpts) * len(rows) - missing
+        print(f"{len(ckpts)} checkpoint(s) [{', '.join(ckpts)}] x {len(rows)} prompts ("
+              + ", ".join(f"{t} {len(plan[t])}" for t in tasks) + f") = {len(ckpts) * len(rows)} images, "
+              f"{cached} already in {cache}; the rest in batches of {cfg['batch_size']} per rank over {world} "
+              f"rank(s); {cfg['eval_steps']} ODE steps, guidance {cfg['guidance']}, {policy.resolution} px")
+        common.write_json(out / "config.json", {**cfg, "fingerprints": fingerprints, "model_fingerprint": model_id})
+
+    results, details, grids = {}, [], {t: {} for t in tasks}
+    for name, adapter in adapters.items():
+        images, generated = images_for(policy, adapter, rows, mine, paths[name], cfg, name, master)
+        records = score(rows, plan, images, cfg["batch_size"])
+        shown = {i: images[i] for i in show if i in images}
+        parts = common.all_gather_objects((records, shown, generated))
+        if not master:
+            continue
+        records = sorted((r for p in parts for r in p[0]), key=lambda r: (tasks.index(r[0]), r[1]))
+        shown = {i: im for p in parts for i, im in p[1].items()}
+        results[name] = summarise(records, plan)
+        by_key = {(r[0], r[1]): r for r in records}
+        for t in tasks:
+            grids[t][name] = [(shown[i], by_key[(t, i)][2]) for i in grid_rows[t]]
+        for task, i, s, info in records:
+            row = rows[i]
+            d = {"checkpoint": name, "task": task, "prompt": row["prompt"], "seed": row["seed"], "score": s}
+            if row["task"] != task:
+                d["prompt_task"] = row["task"]
+            if "strict" in info:
+                d["strict"] = bool(info["strict"])
+            d["info"] = {k: v for k, v in info.items() if k != "strict"}
+            d["image"] = str(paths[name][i])
+            details.append(d)
+        n = sum(p[2] for p in parts)
+        tqdm.write(f"{name}: generated {n} images, {len(rows) - n} from the cache; "
+                   + ", ".join(f"{t} {s['mean']:.3f}" for t, s in results[name].items()))
+
+    if master:
+        common.write_json(out / "results.json", results)
+        table = results_table(results, cfg, {t: len(plan[t]) for t in tasks})
+        (out / "results.md").write_text(table)
+        with open(out / "details.jsonl", "w") as f:
+            for d in details:
+                f.write(json.dumps(d, default=_json_default) + "\n")
+        for t in tasks:
+            if grid_rows[t]:
+                cells = [[grids[t][name][r] for name in ckpts] for r in range(len(grid_rows[t]))]
+                comparison_grid(cells, list(ckpts), [rows[i]["prompt"] for i in grid_rows[t]]).save(out / f"grid_{t}.png")
+        print(table)
+        print(f"wrote {out / 'results.json'}, results.md, details.jsonl and grid_<task>.png")
+    common.barrier()
+    common.cleanup_dist()
+    return results if master else None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,168 @@
+"""eval.py: deterministic and cached, the same numbers under torchrun, grids, start-up errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import eval as evaluation
+from sde_sampler import add_student, load_policy, save_adapter
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = ["count", "text", "clean"]
+NUM_PROMPTS, GRID_PROMPTS = 3, 2
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_pipe_dir, tmp_path_factory):
+    """A second checkpoint: a random LoRA saved as our diffusers folder."""
+    policy = load_policy(str(tiny_pipe_dir), device="cpu")
+    params = add_student(policy, rank=4, alpha=8)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(std=0.05)
+    return save_adapter(policy, "student", tmp_path_factory.mktemp("lora") / "student")
+
+
+def _args(pipe_dir, out, *ckpts, **over):
+    cfg = dict(model=str(pipe_dir), tasks=",".join(TASKS), num_prompts=NUM_PROMPTS, resolution=32, eval_steps=2,
+               batch_size=3, grid_prompts=GRID_PROMPTS, out=str(out), seed=0)
+    cfg.update(over)
+    return [x for k, v in cfg.items() for x in (f"--{k}", str(v))] + ["--ckpt", *ckpts]
+
+
+def _outputs(out):
+    out = Path(out)
+    return json.loads((out / "results.json").read_text()), (out / "details.jsonl").read_text().splitlines()
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_pipe_dir, lora_dir, tmp_path_factory):
+    """One evaluation of base and the LoRA, from an empty cache: (out, results, details, cache mtimes)."""
+    out = tmp_path_factory.mktemp("eval") / "run"
+    evaluation.main(_args(tiny_pipe_dir, out, "base", f"lora={lora_dir}"))
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "cache").glob("*.png")}
+    return out, *_outputs(out), stamps
+
+
+def test_outputs(first_run):
+    out, results, details, stamps = first_run
+    assert len(stamps) == 2 * len(TASKS) * NUM_PROMPTS  # every image sampled once and cached
+    assert list(results) == ["base", "lora"] and all(list(r) == TASKS for r in results.values())
+    for r in results.values():
+        assert all(r[t]["n"] == NUM_PROMPTS and 0 <= r[t]["mean"] <= 1 and 0 <= r[t]["strict"] <= 1 for t in TASKS)
+    rows = [json.loads(line) for line in details]
+    assert len(rows) == 2 * len(TASKS) * NUM_PROMPTS
+    assert [r["seed"] for r in rows[:9]] == [0, 1, 2] * 3  # the i-th prompt of every task: seed + i
+    assert {"checkpoint", "task", "prompt", "seed", "score", "strict", "info", "image"} <= set(rows[0])
+    assert "read" in next(r for r in rows if r["task"] == "text")["info"]
+    assert rows[:9] != [{**r, "checkpoint": "base"} for r in rows[9:]]  # the LoRA changes the images
+    table = (out / "results.md").read_text()
+    assert "| checkpoint | count | text | clean | average |" in table and "| lora |" in table
+
+
+def test_second_run_identical_from_cache(first_run, tiny_pipe_dir, lora_dir, tmp_path, capsys):
+    out, results, details, stamps = first_run
+    evaluation.main(_args(tiny_pipe_dir, out, "base", f"lora={lora_dir}"))
+    log = capsys.readouterr().out
+    assert "base: generated 0 images, 9 from the cache" in log and "lora: generated 0 images" in log
+    assert _outputs(out) == (results, details)
+    assert {p: p.stat().st_mtime_ns for p in (out / "cache").glob("*.png")} == stamps
+    # a --num_prompts run is a prefix of a longer one: only the new prompts are sampled
+    evaluation.main(_args(tiny_pipe_dir, tmp_path / "more", "base", num_prompts=NUM_PROMPTS + 1,
+                          cache_dir=out / "cache"))
+    assert "base: generated 3 images, 9 from the cache" in capsys.readouterr().out
+
+
+def test_grid_has_one_row_per_prompt_and_one_column_per_checkpoint(first_run, tiny_pipe_dir, lora_dir, tmp_path,
+                                                                    capsys):
+    out = tmp_path / "grid"
+    # the LoRA again under its stem: the same weights key the same cached images
+    evaluation.main(_args(tiny_pipe_dir, out, "base", f"lora={lora_dir}", str(lora_dir),
+                          cache_dir=first_run[0] / "cache"))
+    assert "student: generated 0 images, 9 from the cache" in capsys.readouterr().out
+    assert list(json.loads((out / "results.json").read_text())) == ["base", "lora", "student"]
+    cell = -(-evaluation.CELL_MIN // 32) * 32  # 32 px scaled up, nearest
+    for task in TASKS:
+        grid = Image.open(out / f"grid_{task}.png")
+        assert grid.size == (3 * cell + 2 * evaluation.GAP,
+                             evaluation.HEADER_H + GRID_PROMPTS * (evaluation.CAPTION_H + cell))
+    grid = Image.open(out / "grid_count.png")
+    y0 = evaluation.HEADER_H + evaluation.CAPTION_H + 16  # below the score label
+    col = lambda c: grid.crop((c * (cell + evaluation.GAP), y0, c * (cell + evaluation.GAP) + cell, y0 + cell - 16))
+    assert col(1).tobytes() == col(2).tobytes() != col(0).tobytes()
+
+
+def test_another_reward_rescores_cached_images(first_run, tiny_pipe_dir, lora_dir, tmp_path, monkeypatch, capsys):
+    """A reward without prompts of its own (like pickscore) scores every other task's images, from the cache."""
+    import rewards
+
+    def gray(images, prompts, metadata):
+        return torch.tensor([np.asarray(im.convert("L")).mean() / 255 for im in images]), [{} for _ in images]
+    monkeypatch.setitem(rewards.REWARDS, "gray", gray)
+    out = tmp_path / "rescore"
+    evaluation.main(_args(tiny_pipe_dir, out, "base", f"lora={lora_dir}", tasks=",".join(TASKS + ["gray"]),
+                          cache_dir=first_run[0] / "cache"))
+    log = capsys.readouterr().out
+    assert "base: generated 0 images, 9 from the cache" in log and "lora: generated 0 images" in log
+    results, details = _outputs(out)
+    assert {k: {t: v[t] for t in TASKS} for k, v in results.items()} == first_run[1]
+    assert results["base"]["gray"]["n"] == len(TASKS) * NUM_PROMPTS and "strict" not in results["base"]["gray"]
+    scored = [json.loads(x) for x in details if json.loads(x)["task"] == "gray"]
+    assert [r["prompt_task"] for r in scored[:9]] == [t for t in TASKS for _ in range(NUM_PROMPTS)]
+    assert "| checkpoint | count | text | clean | gray | average |" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("ckpt,message", [
+    ("student=/no/such/lora", r"--ckpt student: /no/such/lora: LoRA checkpoint not found"),
+    ("base=/x", "the name 'base' is reserved"),
+])
+def test_bad_checkpoint_fails_at_startup_with_its_name(tiny_pipe_dir, lora_dir, tmp_path, ckpt, message):
+    with pytest.raises(SystemExit, match=message):
+        evaluation.main(_args(tiny_pipe_dir, tmp_path / "x", "base", f"ok={lora_dir}", ckpt))
+    assert not (tmp_path / "x" / "results.json").exists()
+
+
+@pytest.mark.filterwarnings("ignore:.*no lora_alpha stored")
+def test_bad_checkpoint_file_and_task(tiny_pipe_dir, tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(SystemExit, match="--ckpt junk: "):
+        evaluation.main(_args(tiny_pipe_dir, tmp_path / "x", "base", str(junk)))
+    wrong = tmp_path / "wrong.pt"  # a LoRA for another architecture: caught against the loaded base
+    torch.save({"transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 7),
+                "transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(128, 4)}, wrong)
+    with pytest.raises(SystemExit, match="--ckpt other: .*wrong.pt: layer transformer_blocks.0.attn.to_q has LoRA shape"):
+        evaluation.main(_args(tiny_pipe_dir, tmp_path / "x", "base", f"other={wrong}"))
+    with pytest.raises(SystemExit, match="unknown reward 'nope'"):
+        evaluation.main(_args(tiny_pipe_dir, tmp_path / "x", "base", tasks="count,nope"))
+    with pytest.raises(SystemExit, match="pickscore' has no built-in prompts"):
+        evaluation.main(_args(tiny_pipe_dir, tmp_path / "x", "base", tasks="pickscore"))
+
+
+def test_torchrun_two_ranks_same_numbers(first_run, tiny_pipe_dir, lora_dir, tmp_path):
+    out, results, details, _ = first_run
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547",
+           str(REPO / "eval.py"), *_args(tiny_pipe_dir, two, "base", f"lora={lora_dir}")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("generated 9 images") == 2  # rank 0 alone reports, once per checkpoint
+    assert _outputs(two)[0] == results
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "image"} for x in lines]
+    assert strip(_outputs(two)[1]) == strip(details)
+    for task in TASKS:
+        assert Image.open(out / f"grid_{task}.png").tobytes() == Image.open(two / f"grid_{task}.png").tobytes()
+
+
+def test_repeated_ckpt_flags():
+    import common
+    cfg = common.parse_config(evaluation.DEFAULTS, evaluation.PRESETS, ["--ckpt", "base", "--ckpt", "a=X", "b=Y"])
+    assert cfg["ckpt"] == ["base", "a=X", "b=Y"]
