@@ -10,7 +10,7 @@ import os
 import re
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -65,12 +65,15 @@ def parse_config(defaults, presets, argv=None, description=None):
 
 def parse_teachers(specs):
     """["ocr=PATH", "geneval.pt", ...] -> {task: path}. A bare path is named by its file or
-    folder stem (ocr.pt -> ocr); a task named twice is an error."""
+    folder stem (ocr.pt -> ocr; runs/ocr/final -> ocr); a task named twice is an error."""
     teachers = {}
     for spec in specs:
         task, sep, path = spec.partition("=")
         if not sep:
-            task, path = Path(spec.rstrip("/")).stem, spec
+            p = Path(spec.rstrip("/"))
+            # runs/count/final and runs/count/checkpoint-000100 are named after their run
+            named = p.parent if (p.name == "final" or CKPT.match(p.name)) else p
+            task, path = named.stem, spec
         if not task or not path:
             raise ValueError(f"bad teacher {spec!r}; use TASK=PATH or a path named after its task")
         if task in teachers:
@@ -252,6 +255,21 @@ def save_final(policy, out, config):
     """out/final/: the student's LoRA (diffusers folder) with the run's config beside it."""
     from sde_sampler import save_adapter
     return save_adapter(policy, policy.student, Path(out) / "final", extra_files={"config.json": config})
+
+
+def finish_run(policy, params, out, config, ema=None):
+    """The end of a training run: check the ranks agree, then rank 0 writes out/final/ (with
+    the EMA weights when there is an EMA, as Flow-GRPO ships them)."""
+    check_in_sync(params)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:
+        if world() > 1:
+            print(f"ranks in sync: {world()} ranks hold identical LoRA weights")
+        with ema_weights(ema, params) if ema is not None else nullcontext():
+            save_final(policy, out, config)
+        print(f"done: {Path(out) / 'final'}")
+    barrier()
+    cleanup_dist()
 
 
 def load_training_state(folder):

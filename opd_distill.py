@@ -36,6 +36,7 @@ from rewards import get_reward, set_device
 from sde_sampler import (BASE, add_student, encode, load_adapter, load_policy, resolve_model, rollout_batches, sde_step,
                          transition_kl, velocity)
 from teacher_grpo import ppo_loss
+from tinyworld import SAMPLING as TINY
 
 # -----------------------------------------------------------------------------
 # defaults: SD3.5-Medium and the paper's settings; --preset tiny swaps in the tiny world
@@ -76,7 +77,7 @@ DEFAULTS = dict(
 )
 TINY_ASSETS = Path(__file__).resolve().parent / "assets" / "tiny"
 PRESETS = {
-    "tiny": dict(resolution=32, eval_steps=20, guidance=4.5, group_size=4, prompts_per_step=8, batch_size=16,
+    "tiny": dict(TINY, group_size=4, prompts_per_step=8, batch_size=16,
                  lr=1e-3, lora_rank=8, lora_alpha=16, max_steps=60, eval_every=20, eval_prompts=32, save_every=20,
                  ema_decay=0.8, eval_tasks="count,text,clean",
                  teachers=[f"count={TINY_ASSETS / 'count'}", f"text={TINY_ASSETS / 'text'}"],
@@ -292,15 +293,7 @@ def main(argv=None):
                                                         "ema": [e.cpu() for e in ema]}, cfg)
         common.barrier()
     bar.close()
-    common.check_in_sync(params)
-    if world > 1 and master:
-        print(f"ranks in sync: {world} ranks hold identical LoRA weights")
-    if master:
-        with common.ema_weights(ema, params):
-            common.save_final(policy, out, cfg)
-        print(f"done: {out / 'final'}")
-    common.cleanup_dist()
-
+    common.finish_run(policy, params, out, cfg, ema)
 
 if __name__ == "__main__":
     main(sys.argv[1:])

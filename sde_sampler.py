@@ -368,33 +368,40 @@ def adapter_state_dict(policy, name):
     return get_peft_model_state_dict(policy.transformer, adapter_name=name)
 
 
-def save_adapter(policy, name, folder, extra_files=None, extra_state=None):
-    """Save an adapter as a folder that StableDiffusion3Pipeline.load_lora_weights loads
-    unchanged, atomically (write to a temporary name, then rename). The peft state dict goes in
-    directly: convert_state_dict_to_diffusers drops SD3 keys. The metadata carries lora_alpha;
-    without it diffusers reads alpha as r. extra_files = {filename: json-able dict};
-    extra_state = {filename: object for torch.save} (optimizer, EMA, step)."""
+def save_lora(state, lora_cfg, folder, extra_files=None, extra_state=None):
+    """Write a LoRA state dict (peft naming, keys relative to the transformer) as a folder that
+    StableDiffusion3Pipeline.load_lora_weights loads unchanged, atomically: into a temporary
+    name, then renamed. The state goes in directly: convert_state_dict_to_diffusers drops SD3
+    keys. lora_cfg (LoraConfig.to_dict()) becomes the metadata that carries lora_alpha; without
+    it diffusers reads alpha as r. extra_files = {filename: json-able dict}; extra_state =
+    {filename: object for torch.save} (optimizer, EMA, step)."""
     from diffusers import StableDiffusion3Pipeline
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter_state_dict(policy, name).items()}
-    cfg = policy.transformer.peft_config[name].to_dict()
-    cfg["target_modules"] = sorted(cfg["target_modules"]) if cfg.get("target_modules") else cfg.get("target_modules")
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    lora_cfg = dict(lora_cfg)
+    if lora_cfg.get("target_modules"):
+        lora_cfg["target_modules"] = sorted(lora_cfg["target_modules"])
     StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=state,
-                                               transformer_lora_adapter_metadata=cfg)
+                                               transformer_lora_adapter_metadata=lora_cfg)
     for fname, obj in (extra_files or {}).items():
         (tmp / fname).write_text(json.dumps(obj, indent=2, default=str))
     for fname, obj in (extra_state or {}).items():
         torch.save(obj, tmp / fname)
-    old = folder.with_name(folder.name + ".old")
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
         folder.rename(old)
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def save_adapter(policy, name, folder, extra_files=None, extra_state=None):
+    """save_lora of a live adapter of the policy."""
+    return save_lora(adapter_state_dict(policy, name), policy.transformer.peft_config[name].to_dict(), folder,
+                     extra_files, extra_state)
 
 
 def _strip(key):

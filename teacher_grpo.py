@@ -26,6 +26,7 @@ from prompts import load_prompts
 from rewards import get_reward, parse_reward_spec, set_device
 from sde_sampler import (BASE, add_student, decode, encode, load_policy, resolve_model, rollout_batches, sde_step,
                          transition_kl, velocity)
+from tinyworld import SAMPLING as TINY
 
 # -----------------------------------------------------------------------------
 # defaults: SD3.5-Medium with the Flow-GRPO authors' settings; --preset tiny swaps in the tiny world
@@ -65,7 +66,7 @@ DEFAULTS = dict(
     seed=0,
 )
 PRESETS = {
-    "tiny": dict(resolution=32, eval_steps=20, guidance=4.5, group_size=8, prompts_per_step=4,
+    "tiny": dict(TINY, group_size=8, prompts_per_step=4,
                  batch_size=16, updates_per_step=1, lr=1e-3, lora_rank=8, lora_alpha=16, max_steps=60,
                  eval_every=20, eval_tasks="count,text,clean", eval_prompts=32, save_every=20, ema_decay=0.8),
 }
@@ -241,15 +242,7 @@ def main(argv=None):
                                                         "ema": [e.cpu() for e in ema]}, cfg)
         common.barrier()
     bar.close()
-    common.check_in_sync(params)
-    if world > 1 and master:
-        print(f"ranks in sync: {world} ranks hold identical LoRA weights")
-    if master:
-        with common.ema_weights(ema, params):
-            common.save_final(policy, out, cfg)
-        print(f"done: {out / 'final'}")
-    common.cleanup_dist()
-
+    common.finish_run(policy, params, out, cfg, ema)
 
 if __name__ == "__main__":
     main(sys.argv[1:])
