@@ -26,11 +26,24 @@ info one dict per image with "strict" (exact pass/fail, the eval metric) and wha
     images = [tinyworld.render(row, seed=0) for row in rows]
     scores, info = tinyworld.count_reward(images, [r["prompt"] for r in rows],
                                           [r["metadata"] for r in rows])
+
+The tiny base model is pretrained here too (flow matching on rendered prompts, a few minutes of
+CPU), then sampled on the test prompts; the shipped assets/tiny/base was made by
+
+    python tinyworld.py --out assets/tiny/base --steps STEPS --seed SEED
+
+which also writes assets/tiny/base_scores.json (the base's test scores and this command) and
+assets/tiny/base_grid.png (64 test samples).
 """
 
+import argparse
 import itertools
+import json
+import math
 import re
+import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -89,6 +102,7 @@ CHARSET = "".join(GLYPHS)
 GLYPH_BITS = {c: np.array([[p == "#" for p in r] for r in g]) for c, g in GLYPHS.items()}
 GLYPH_SCALE = 2
 GLYPH_SPACING = 2  # empty columns between glyphs; a 4-character line is 4*6 + 3*2 = 30 px
+TEXT_JITTER = 2    # px a line of text may move right of the left margin
 
 TEXT_TEMPLATES = ('the text "{}"', 'a sign that says "{}"')
 CLEAN_TEMPLATES = ("a clean picture of {}", "a neat drawing of {}")
@@ -298,7 +312,11 @@ def text_mask(text):
 def _draw_text(img, text, rng):
     mask = text_mask(text)
     h, w = mask.shape
-    x, y = int(rng.integers(1, SIZE - w)), int(rng.integers(1, SIZE - h))
+    # left-aligned within a few px, at any height: the k-th character then has the same columns
+    # whatever the string's length, which a tiny model (and its causal text encoder, which has
+    # not read the end of the string at character k) can learn in minutes
+    x = int(np.clip(1 + rng.integers(0, TEXT_JITTER + 1), 1, SIZE - w - 1))
+    y = int(rng.integers(1, SIZE - h))
     img[y:y + h, x:x + w][mask] = INK
 
 
@@ -466,9 +484,11 @@ def _runs(flags):
 def read_glyph(cell):
     """The character whose 3x5 bitmap is closest (L1) to the ink coverage of a crop."""
     h, w = cell.shape
+    # bin edges, each bin at least one pixel even when the crop is thinner than the glyph
     ys, xs = np.linspace(0, h, 6).round().astype(int), np.linspace(0, w, 4).round().astype(int)
-    cover = np.array([[cell[ys[i]:max(ys[i + 1], ys[i] + 1), xs[j]:max(xs[j + 1], xs[j] + 1)].mean()
-                       for j in range(3)] for i in range(5)])
+    y0, x0 = np.minimum(ys[:-1], h - 1), np.minimum(xs[:-1], w - 1)
+    y1, x1 = np.maximum(ys[1:], y0 + 1), np.maximum(xs[1:], x0 + 1)
+    cover = np.array([[cell[y0[i]:y1[i], x0[j]:x1[j]].mean() for j in range(3)] for i in range(5)])
     return min(CHARSET, key=lambda c: np.abs(cover - GLYPH_BITS[c]).sum())
 
 
@@ -547,3 +567,248 @@ def clean_reward(images, prompts, metadata):
     results = [score_clean(img) for img in to_uint8_images(images)]
     scores = torch.tensor([s for s, _ in results], dtype=torch.float32)
     return scores, [{"strict": s >= CLEAN_STRICT, **i} for s, i in results]
+
+# -----------------------------------------------------------------------------
+# the tiny base: sampling constants and pretraining
+
+# What every stage uses with --preset tiny. Training rollouts keep SD3.5-M's 10 SDE steps;
+# evaluation uses 20 ODE steps (the tiny model's samples stop improving around there).
+SAMPLING = dict(resolution=SIZE, num_steps=10, eval_steps=20, guidance=4.5, noise_level=0.7)
+# build_tiny_pipeline's size arguments for the base
+BASE_MODEL = dict(num_layers=4, heads=4, head_dim=32, text_dim=32, text_layers=2, max_tokens=32)
+PRETRAIN = dict(
+    steps=600,          # stopped early on purpose: the base must stay mediocre (module docstring)
+    batch_size=32,
+    lr=1e-3,            # AdamW, constant after the warmup, so a run of N steps is a prefix of a longer one
+    warmup=50,
+    weight_decay=0.01,
+    grad_clip=1.0,
+    dropout=0.1,        # share of prompts replaced by "", the negative prompt of our CFG
+    ema=0.99,           # the saved weights are this EMA of the trained ones
+    seed=0,
+)
+EVAL_BATCH = 32
+EVAL_SEED = 0  # test row i (tasks concatenated in TASKS order) starts from initial_noise seed EVAL_SEED + i
+
+
+def new_base(seed, **model):
+    """A randomly initialised tiny pipeline whose tokenizer knows every prompt word and character.
+    The transformer gets DiT's adaLN-zero initialisation (every block starts as the identity,
+    the output at zero), which trains several times faster than diffusers' default init."""
+    from sde_sampler import build_tiny_pipeline
+    pipe = build_tiny_pipeline(None, words=VOCAB_WORDS + list(CHARSET), seed=seed,
+                               **{**BASE_MODEL, **model})
+    tr = pipe.transformer
+    zero = [m.linear for m in tr.modules() if type(m).__name__.startswith(("AdaLayerNorm", "SD35AdaLayerNorm"))]
+    for layer in zero + [tr.proj_out]:
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+    return pipe
+
+
+def embed_prompts(pipe, prompts):
+    """Prompt embeddings exactly as sde_sampler.encode computes them (the same encode_prompt call),
+    but with gradients, so the text encoders train with the transformer."""
+    e, _, p, _ = pipe.encode_prompt(prompt=list(prompts), prompt_2=None, prompt_3=None,
+                                    do_classifier_free_guidance=False, device=pipe.transformer.device)
+    return e, p
+
+
+class RepeatedTokenAttention:
+    """SD3 joint attention in which the last context token stands for `copies` identical tokens.
+
+    Without T5, encode_prompt appends 256 all-zero "T5" tokens to the 32 CLIP tokens. Having no
+    position embedding, they stay identical through every block, so they act as one token counted
+    256 times: adding log(256) to its attention logits gives exactly the same softmax, outputs and
+    gradients. Pretraining runs on 33 context tokens instead of 288 (about 2.4x faster) and the
+    saved model is the one sde_sampler samples with all 288. Covers the tiny config only (no
+    q/k norms, no dual attention)."""
+
+    def __init__(self, copies):
+        self.log_copies = math.log(copies)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        b, n = hidden_states.shape[:2]
+
+        def heads(x, c):
+            return torch.cat([x, c], 1).view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        q = heads(attn.to_q(hidden_states), attn.add_q_proj(encoder_hidden_states))
+        k = heads(attn.to_k(hidden_states), attn.add_k_proj(encoder_hidden_states))
+        v = heads(attn.to_v(hidden_states), attn.add_v_proj(encoder_hidden_states))
+        bias = torch.zeros(1, 1, 1, k.shape[2], dtype=q.dtype, device=q.device)
+        bias[..., -1] = self.log_copies
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[3])
+        x, c = out[:, :n], out[:, n:]
+        return attn.to_out[0](x), (c if attn.context_pre_only else attn.to_add_out(c))
+
+
+def compress_embeds(pipe, embeds):
+    """(embeds with the trailing zero tokens cut to one, how many that one stands for)."""
+    copies = embeds.shape[1] - pipe.tokenizer_max_length
+    return (embeds[:, :pipe.tokenizer_max_length + 1], copies) if copies > 1 else (embeds, 1)
+
+
+def flow_matching_loss(pipe, prompts, images, generator, dropout):
+    """Rectified-flow loss on a batch of uint8 renders: x_s = (1 - s) x0 + s eps, target
+    v = eps - x0, logit-normal s (SD3's training density), timestep s * 1000. Expects the
+    transformer to run RepeatedTokenAttention when encode_prompt pads with zero tokens."""
+    x0 = images.float() / 127.5 - 1
+    b = x0.shape[0]
+    s = torch.sigmoid(torch.randn(b, generator=generator))
+    eps = torch.randn(x0.shape, generator=generator)
+    drop = torch.rand(b, generator=generator) < dropout
+    e, p = embed_prompts(pipe, ["" if d else t for t, d in zip(prompts, drop.tolist())])
+    e, _ = compress_embeds(pipe, e)
+    sv = s.view(-1, 1, 1, 1)
+    v = pipe.transformer(hidden_states=(1 - sv) * x0 + sv * eps, timestep=s * 1000,
+                         encoder_hidden_states=e, pooled_projections=p, return_dict=False)[0]
+    return torch.nn.functional.mse_loss(v, eps - x0)
+
+
+def pretrain(out, steps, batch_size, lr, seed, model=None, warmup=PRETRAIN["warmup"],
+             weight_decay=PRETRAIN["weight_decay"], grad_clip=PRETRAIN["grad_clip"],
+             dropout=PRETRAIN["dropout"], ema=PRETRAIN["ema"], progress=True):
+    """Train a tiny base from scratch on renders of every task's train prompts and save its EMA
+    weights (fp16) as a diffusers pipeline folder at `out` (None: don't save). The text encoders
+    are random too, so they train jointly. Deterministic for the seed. Returns (pipe, losses);
+    the pipe holds the saved weights."""
+    from tqdm import tqdm
+    pipe = new_base(seed, **(model or {}))
+    standard = pipe.transformer.attn_processors
+    _, copies = compress_embeds(pipe, embed_prompts(pipe, [""])[0])
+    pipe.transformer.set_attn_processor(RepeatedTokenAttention(copies))
+    modules = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]
+    for m in modules:
+        m.train()
+    params = [p for m in modules for p in m.parameters()]
+    averaged = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(1, warmup)))
+    rows = [r for t in TASKS for r in prompt_set(t, "train")]
+    g = torch.Generator().manual_seed(seed)
+    losses, avg = [], None
+    bar = tqdm(range(steps), desc="pretrain", disable=not progress)
+    for step in bar:
+        picked, images = sample_training_batch(rows, batch_size, seed=[seed, step])
+        loss = flow_matching_loss(pipe, [r["prompt"] for r in picked], images, g, dropout)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        sched.step()
+        decay = min(ema, (1 + step) / (10 + step))  # short memory early, while weights move fast
+        torch._foreach_lerp_(averaged, [p.detach() for p in params], 1 - decay)
+        losses.append(loss.item())
+        avg = losses[-1] if avg is None else 0.95 * avg + 0.05 * losses[-1]
+        bar.set_postfix(loss=f"{avg:.4f}")
+    with torch.no_grad():
+        for p, a in zip(params, averaged):
+            p.copy_(a)
+    pipe.transformer.set_attn_processor(standard)
+    for m in modules:
+        m.eval()
+    if out is not None:
+        # fp16 halves the folder; load_policy reads it back in fp32, and so does the returned pipe
+        pipe.to(torch.float16).save_pretrained(out)
+        pipe.to(torch.float32)
+    return pipe, losses
+
+
+@torch.no_grad()
+def sample_test_set(policy, eval_steps=SAMPLING["eval_steps"], guidance=SAMPLING["guidance"]):
+    """ODE samples of every task's test prompts (TASKS order) from fixed per-prompt noise.
+    Returns (rows, PIL images)."""
+    from sde_sampler import decode, initial_noise, rollout
+    rows = [r for t in TASKS for r in prompt_set(t, "test")]
+    images = []
+    for i in range(0, len(rows), EVAL_BATCH):
+        chunk = rows[i:i + EVAL_BATCH]
+        x = initial_noise(policy, range(EVAL_SEED + i, EVAL_SEED + i + len(chunk)))
+        out = rollout(policy, [r["prompt"] for r in chunk], eval_steps, guidance, 0.0, latents=x)
+        images += decode(policy, out["latents"])
+    return rows, images
+
+
+def score_test_set(rows, images):
+    """Each task's own reward on its test prompts (mean and strict pass rate), plus the clean
+    score of every test image (the anchor's view of all tasks)."""
+    rewards = {"count": count_reward, "text": text_reward, "clean": clean_reward}
+    scores = {}
+    for task in TASKS:
+        idx = [i for i, r in enumerate(rows) if r["task"] == task]
+        s, info = rewards[task]([images[i] for i in idx], [rows[i]["prompt"] for i in idx],
+                                [rows[i]["metadata"] for i in idx])
+        scores[task] = {"mean": round(s.mean().item(), 4),
+                        "strict": round(float(np.mean([x["strict"] for x in info])), 4), "n": len(idx)}
+    s, info = clean_reward(images, None, None)
+    scores["clean_all_tasks"] = {"mean": round(s.mean().item(), 4),
+                                 "strict": round(float(np.mean([x["strict"] for x in info])), 4),
+                                 "n": len(images)}
+    return scores
+
+
+def grid(images, cols=8, scale=2, gap=2):
+    """Images side by side on a grey canvas (the renders' background is white)."""
+    w, h = images[0].size
+    rows = (len(images) + cols - 1) // cols
+    canvas = Image.new("RGB", (cols * (w * scale + gap) + gap, rows * (h * scale + gap) + gap), (128,) * 3)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        canvas.paste(im.resize((w * scale, h * scale), Image.NEAREST),
+                     (gap + c * (w * scale + gap), gap + r * (h * scale + gap)))
+    return canvas
+
+
+def grid_selection(rows, images):
+    """64 test samples for the grid: 3 rows of count, 3 of text, 2 of clean."""
+    per_task = {"count": 24, "text": 24, "clean": 16}
+    return [im for task, n in per_task.items()
+            for im in [im for r, im in zip(rows, images) if r["task"] == task][:n]]
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Pretrain the tiny base, then sample and score it.")
+    parser.add_argument("--out", default="assets/tiny/base")
+    for k in ("steps", "batch_size", "lr", "seed"):
+        parser.add_argument(f"--{k}", type=type(PRETRAIN[k]), default=PRETRAIN[k])
+    args = parser.parse_args()
+    torch.set_num_threads(2)  # the budget the base is sized for: 2 CPU cores
+    from sde_sampler import encode, load_policy
+    out = Path(args.out)
+    rows = sum(len(prompt_set(t, "train")) for t in TASKS)
+    print(f"pretraining {out}: {args.steps} steps x batch {args.batch_size} = "
+          f"{args.steps * args.batch_size} renders of {rows} train prompts, lr {args.lr}, seed {args.seed}")
+    t0 = time.time()
+    pipe, losses = pretrain(out, args.steps, args.batch_size, args.lr, args.seed)
+    train_s = time.time() - t0
+    n_params = sum(p.numel() for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2)
+                   for p in m.parameters())
+    policy = load_policy(str(out), device="cpu")
+    # the saved pipeline must embed prompts the way it was trained (fp16 storage aside)
+    probe = [r["prompt"] for t in TASKS for r in prompt_set(t, "test")[:4]] + [""]
+    with torch.no_grad():
+        want = embed_prompts(pipe, probe)
+    got = encode(policy, probe)[:2]
+    assert all(torch.allclose(a, b, atol=1e-2) for a, b in zip(got, want)), "encode != training embeddings"
+    test_rows, images = sample_test_set(policy)
+    scores = score_test_set(test_rows, images)
+    stem = out.parent / out.name
+    grid(grid_selection(test_rows, images)).save(f"{stem}_grid.png")
+    cmd = f"python tinyworld.py --out {args.out} --steps {args.steps} --seed {args.seed}"
+    if (args.batch_size, args.lr) != (PRETRAIN["batch_size"], PRETRAIN["lr"]):
+        cmd += f" --batch_size {args.batch_size} --lr {args.lr}"
+    report = {"command": cmd, "pretrain": {**PRETRAIN, **vars(args)}, "model": BASE_MODEL,
+              "params": n_params, "sampling": SAMPLING, "scores": scores,
+              "final_loss": round(float(np.mean(losses[-50:])), 4),
+              "pretrain_seconds": round(train_s), "total_seconds": round(time.time() - t0)}
+    Path(f"{stem}_scores.json").write_text(json.dumps(report, indent=2) + "\n")
+    for task, s in scores.items():
+        print(f"{task:16s} mean {s['mean']:.3f}  strict {s['strict']:.3f}  (n={s['n']})")
+    print(f"wrote {stem}_grid.png and {stem}_scores.json; pretraining {train_s:.0f} s, "
+          f"total wall time {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

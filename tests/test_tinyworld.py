@@ -61,8 +61,9 @@ def test_render_deterministic_and_varies_with_seed(task):
         a, b = tw.render(r, 7), tw.render(r, 7)
         assert a.size == (tw.SIZE, tw.SIZE) and a.mode == "RGB"
         assert np.array_equal(np.asarray(a), np.asarray(b))
-    differ = [not np.array_equal(np.asarray(tw.render(r, 1)), np.asarray(tw.render(r, 2))) for r in rows]
-    assert np.mean(differ) >= 0.9
+    # a text line only moves (mostly up and down), so ask for several layouts per row over 8 seeds
+    distinct = [len({tw.render(r, s).tobytes() for s in range(8)}) for r in rows]
+    assert min(distinct) >= 2 and np.mean(distinct) >= 5, distinct
 
 
 def test_render_batch_and_training_batch():
@@ -166,3 +167,71 @@ def test_count_and_text_rewards_degrade_gracefully():
         scores = _score(REWARDS[task], [im.filter(ImageFilter.GaussianBlur(1.5)) for im in images], rows)[0]
         assert 0.2 < scores.mean() < 0.8
     assert tw.read_text(np.full((32, 32, 3), 255, np.uint8)) == ""
+
+
+# -----------------------------------------------------------------------------
+# the tiny base: pretraining and the shipped checkpoint
+
+TINY = dict(num_layers=1, heads=2, head_dim=16, text_dim=16, text_layers=1)
+
+
+def test_repeated_token_attention_matches_all_copies():
+    """Pretraining's shortcut (one zero token counted 256 times) gives the outputs and gradients
+    of the full 288-token context that sde_sampler samples with."""
+    pipe = tw.new_base(0, **TINY)
+    tr = pipe.transformer
+    torch.manual_seed(0)
+    for m in tr.modules():  # undo the zero init, so every path carries signal
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.normal_(m.weight, std=0.1)
+            torch.nn.init.normal_(m.bias, std=0.1)
+    with torch.no_grad():
+        e, p = tw.embed_prompts(pipe, ["a red circle", 'the text "a3k"', ""])
+    x, t = torch.randn(3, 3, 32, 32), torch.tensor([900.0, 500.0, 100.0])
+
+    def run(embeds):
+        tr.zero_grad()
+        out = tr(hidden_states=x, timestep=t, encoder_hidden_states=embeds, pooled_projections=p,
+                 return_dict=False)[0]
+        out.square().sum().backward()
+        return out.detach(), [q.grad.clone() for q in tr.parameters()]
+
+    ref, ref_grads = run(e)
+    short, copies = tw.compress_embeds(pipe, e)
+    assert e.shape[1] == 288 and short.shape[1] == 33 and copies == 256
+    tr.set_attn_processor(tw.RepeatedTokenAttention(copies))
+    out, grads = run(short)
+    assert torch.allclose(out, ref, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+    # and the shortcut is not vacuous: counting the token once changes the output
+    tr.set_attn_processor(tw.RepeatedTokenAttention(1))
+    assert not torch.allclose(run(short)[0], ref, atol=1e-3)
+
+
+def test_pretraining_lowers_loss_against_lr0_control(tmp_path):
+    """Same seed, hence the same batches, noise and timesteps: training must beat the frozen
+    model on the last steps, and improve on its own first steps."""
+    _, trained = tw.pretrain(tmp_path / "base", steps=30, batch_size=8, lr=3e-3, seed=0, model=TINY,
+                             warmup=5, progress=False)
+    _, control = tw.pretrain(None, steps=30, batch_size=8, lr=0.0, seed=0, model=TINY, warmup=5,
+                             progress=False)
+    assert trained[0] == control[0]
+    assert np.mean(trained[-10:]) < 0.7 * np.mean(control[-10:])
+    assert np.mean(trained[-10:]) < 0.7 * np.mean(trained[:5])
+
+
+def test_pretrained_folder_loads_and_encodes_as_trained(tmp_path):
+    from sde_sampler import encode, load_policy
+    pipe, losses = tw.pretrain(tmp_path / "base", steps=3, batch_size=4, lr=1e-3, seed=1, model=TINY,
+                               progress=False)
+    assert losses == tw.pretrain(None, steps=3, batch_size=4, lr=1e-3, seed=1, model=TINY, progress=False)[1]
+    policy = load_policy(str(tmp_path / "base"), device="cpu")
+    prompts = [tw.prompt_set(t, "test")[0]["prompt"] for t in tw.TASKS] + [""]
+    with torch.no_grad():
+        want = tw.embed_prompts(pipe, prompts)
+    got = encode(policy, prompts)[:2]
+    for a, b in zip(got, want):  # the returned pipe holds the saved (fp16-rounded) weights
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+
+
