@@ -257,6 +257,28 @@ def save_final(policy, out, config):
     return save_adapter(policy, policy.student, Path(out) / "final", extra_files={"config.json": config})
 
 
+def optimizer_update(params, optimizer, ema, config):
+    """One optimizer update: average gradients over ranks, clip, step, EMA. Returns the norm."""
+    sync_grads(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, config["max_grad_norm"]).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    ema_update(ema, params, config["ema_decay"])
+    return grad_norm
+
+
+def after_step(policy, params, optimizer, ema, eval_rows, config, out, step):
+    """The periodic part of a training step: eval every eval_every steps, a checkpoint (rank 0)
+    every save_every steps and at the last one, then every rank waits for the others."""
+    if config["eval_every"] and step % config["eval_every"] == 0:
+        eval_and_log(policy, ema, params, eval_rows, config, out, step)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0 and (step % config["save_every"] == 0 or step == config["max_steps"]):
+        save_checkpoint(policy, out, step, {"step": step, "optimizer": optimizer.state_dict(),
+                                            "ema": [e.cpu() for e in ema]}, config)
+    barrier()
+
+
 def finish_run(policy, params, out, config, ema=None):
     """The end of a training run: check the ranks agree, then rank 0 writes out/final/ (with
     the EMA weights when there is an EMA, as Flow-GRPO ships them)."""

@@ -266,11 +266,7 @@ def main(argv=None):
                 mar_sum[j] += mar.sum().cpu()
                 (loss / (micro * trained_steps)).backward()
                 kl_sum[:, j] += torch.zeros(len(teachers)).index_add_(0, task_ids[idx], kl.cpu())
-        common.sync_grads(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["max_grad_norm"]).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        common.ema_update(ema, params, cfg["ema_decay"])
+        grad_norm = common.optimizer_update(params, optimizer, ema, cfg)
         step += 1
 
         # per task and per trajectory step: the KL to the teacher (it must fall) and the MAR KL
@@ -286,12 +282,7 @@ def main(argv=None):
             common.log_metrics(out, record)
             bar.set_postfix(kl=f"{record['kl']:.3e}", mar=f"{record['mar_kl']:.2e}")
             bar.update(1)
-        if cfg["eval_every"] and step % cfg["eval_every"] == 0:
-            common.eval_and_log(policy, ema, params, eval_rows, cfg, out, step)
-        if master and (step % cfg["save_every"] == 0 or step == cfg["max_steps"]):
-            common.save_checkpoint(policy, out, step, {"step": step, "optimizer": optimizer.state_dict(),
-                                                        "ema": [e.cpu() for e in ema]}, cfg)
-        common.barrier()
+        common.after_step(policy, params, optimizer, ema, eval_rows, cfg, out, step)
     bar.close()
     common.finish_run(policy, params, out, cfg, ema)
 

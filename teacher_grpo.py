@@ -218,11 +218,7 @@ def main(argv=None):
                     stats["policy_loss"] += loss.item() / n
                     stats["kl"] += kl.item() / n
                     stats["clipfrac"] += clipfrac.item() / n
-            common.sync_grads(params)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["max_grad_norm"]).item()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            common.ema_update(ema, params, cfg["ema_decay"])
+            grad_norm = common.optimizer_update(params, optimizer, ema, cfg)
         step += 1
 
         # logging, eval, checkpoints
@@ -235,12 +231,7 @@ def main(argv=None):
             common.log_metrics(out, record)
             bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.2e}")
             bar.update(1)
-        if cfg["eval_every"] and step % cfg["eval_every"] == 0:
-            common.eval_and_log(policy, ema, params, eval_rows, cfg, out, step)
-        if master and (step % cfg["save_every"] == 0 or step == cfg["max_steps"]):
-            common.save_checkpoint(policy, out, step, {"step": step, "optimizer": optimizer.state_dict(),
-                                                        "ema": [e.cpu() for e in ema]}, cfg)
-        common.barrier()
+        common.after_step(policy, params, optimizer, ema, eval_rows, cfg, out, step)
     bar.close()
     common.finish_run(policy, params, out, cfg, ema)
 

@@ -157,7 +157,8 @@ def test_torchrun_two_ranks(tiny_pipe_dir, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
            str(REPO / "opd_distill.py"),
-           *_args(tiny_pipe_dir, out, [f"count={tmp_path / 'count'}", f"text={tmp_path / 'text'}"], save_every=100)]
+           *_args(tiny_pipe_dir, out, [f"count={tmp_path / 'count'}", f"text={tmp_path / 'text'}"],
+                 save_every=100, batch_size=2)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
