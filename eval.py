@@ -57,6 +57,7 @@ DEFAULTS = dict(
     out="runs/eval",
     cache_dir="",                    # generated images, by content key; empty: OUT/cache
     resolution=512,
+    t5_tokens=256,  # T5 tokens per prompt (max_sequence_length); the tiny base has no T5 and uses 1
     eval_steps=40,                   # ODE steps
     guidance=4.5,
     batch_size=8,                    # images per forward pass, per rank
@@ -64,7 +65,8 @@ DEFAULTS = dict(
     seed=0,                          # the i-th prompt of every task starts from initial_noise seed + i
 )
 PRESETS = {
-    "tiny": dict(resolution=tinyworld.SAMPLING["resolution"], eval_steps=tinyworld.SAMPLING["eval_steps"],
+    "tiny": dict(resolution=tinyworld.SAMPLING["resolution"], t5_tokens=tinyworld.SAMPLING["t5_tokens"],
+                 eval_steps=tinyworld.SAMPLING["eval_steps"],
                  guidance=tinyworld.SAMPLING["guidance"], tasks=",".join(tinyworld.TASKS), batch_size=tinyworld.EVAL_BATCH,
                  grid_prompts=8),
 }
@@ -301,7 +303,7 @@ def main(argv=None):
     cache.mkdir(parents=True, exist_ok=True)
 
     set_device(device)
-    policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"])
+    policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"], t5_tokens=cfg["t5_tokens"])
     adapters = {}
     with common.startup_errors():
         for k, (name, source) in enumerate(ckpts.items()):
@@ -312,7 +314,7 @@ def main(argv=None):
 
     # every image's place in the cache; rank r samples rows r, r + world, ... of every checkpoint
     settings = dict(steps=cfg["eval_steps"], guidance=cfg["guidance"], resolution=policy.resolution,
-                    dtype=str(policy.dtype), device=device.type)
+                    t5_tokens=policy.t5_tokens, dtype=str(policy.dtype), device=device.type)
     model_id = model_fingerprint(cfg["model"])
     paths = {name: [cache / f"{cache_key(model_id, fingerprints[name], r, settings)}.png" for r in rows]
              for name in ckpts}

@@ -56,6 +56,7 @@ DEFAULTS = dict(
     density=0.2,              # ties: fraction of each teacher's delta entries kept (TIES paper: 20%)
     # sft only
     resolution=512,
+    t5_tokens=256,  # T5 tokens per prompt (max_sequence_length); the tiny base has no T5 and uses 1
     samples_per_task=1000,    # teacher samples per task, on that task's train prompts (cycled if fewer)
     sample_steps=40,          # ODE steps per teacher sample (the eval setting: the teachers' best images)
     guidance=4.5,             # CFG when sampling the teachers and in the student's training forward
@@ -74,8 +75,8 @@ DEFAULTS = dict(
     seed=0,
 )
 PRESETS = {
-    "tiny": dict(resolution=TINY["resolution"], sample_steps=TINY["eval_steps"], guidance=TINY["guidance"],
-                 samples_per_task=128, batch_size=16, lr=1e-3, lora_rank=8, lora_alpha=16, max_steps=300,
+    "tiny": dict(resolution=TINY["resolution"], t5_tokens=TINY["t5_tokens"], sample_steps=TINY["eval_steps"],
+                 guidance=TINY["guidance"], samples_per_task=128, batch_size=16, lr=1e-3, lora_rank=8, lora_alpha=16, max_steps=300,
                  probe_every=50, probe_samples=32, save_every=100),
 }
 METHODS = ("exact", "svd", "ties", "average", "sft")
@@ -400,7 +401,7 @@ def sft(cfg, names, sources, rows, resume_from, rank, world, device):
     master = rank == 0
     out = Path(cfg["out"])
     torch.manual_seed(cfg["seed"])  # the student's initial A: the same on every rank
-    policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"])
+    policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"], t5_tokens=cfg["t5_tokens"])
     with common.startup_errors():
         for n, s in zip(names, sources):
             load_adapter(policy, s, n)

@@ -47,6 +47,7 @@ DEFAULTS = dict(
     init="",                   # the student's initial LoRA (merge_coldstart's output); empty: fresh LoRA
     out="runs/opd",
     resolution=512,
+    t5_tokens=256,  # T5 tokens per prompt (max_sequence_length); the tiny base has no T5 and uses 1
     num_steps=10,              # SDE steps per rollout
     eval_steps=40,
     guidance=4.5,              # CFG in rollouts and in every student/teacher/anchor velocity
@@ -189,7 +190,7 @@ def main(argv=None):
         # one base in memory; teachers, anchor and student are adapters on it, all checked first
         torch.manual_seed(cfg["seed"])
         set_device(device)
-        policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"])
+        policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"], t5_tokens=cfg["t5_tokens"])
         for task, path in teachers.items():
             load_adapter(policy, path, task)
         anchor = BASE

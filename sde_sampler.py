@@ -124,6 +124,7 @@ class Policy:
     dtype: torch.dtype
     resolution: int
     student: str | None = None              # name of the trainable adapter, if any
+    t5_tokens: int = 256                    # SD3's max_sequence_length: T5 tokens per prompt
     embeds: dict = field(default_factory=dict)  # prompt -> (embeds, pooled), on the CPU
 
     @property
@@ -160,11 +161,13 @@ def default_device():
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def load_policy(model=DEFAULT_MODEL, device=None, dtype=None, resolution=None):
+def load_policy(model=DEFAULT_MODEL, device=None, dtype=None, resolution=None, t5_tokens=256):
     """Load an SD3 pipeline (hub id or folder). Components stored as null in the folder's
     model_index.json (no T5, or no VAE for a pixel-space model) are passed as None, which
     diffusers requires. The transformer (and VAE) go to the device, frozen; the text encoders
-    stay on the CPU and visit the device only to fill the embedding cache."""
+    stay on the CPU and visit the device only to fill the embedding cache. t5_tokens is SD3's
+    max_sequence_length; without T5 the pipeline pads with that many zero tokens, which only
+    cost compute (the tiny base is trained and sampled with 1)."""
     from diffusers import StableDiffusion3Pipeline
     device = torch.device(device) if device else default_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -184,7 +187,7 @@ def load_policy(model=DEFAULT_MODEL, device=None, dtype=None, resolution=None):
         pipe.vae.to(device)
     scale = pipe.vae_scale_factor if pipe.vae is not None else 1
     resolution = resolution or pipe.transformer.config.sample_size * scale
-    return Policy(pipe=pipe, device=device, dtype=dtype, resolution=resolution)
+    return Policy(pipe=pipe, device=device, dtype=dtype, resolution=resolution, t5_tokens=t5_tokens)
 
 
 @torch.no_grad()
@@ -200,7 +203,8 @@ def encode(policy, prompts, negative_prompt=""):
         for i in range(0, len(missing), 32):
             chunk = missing[i:i + 32]
             e, _, p, _ = pipe.encode_prompt(prompt=chunk, prompt_2=None, prompt_3=None,
-                                            do_classifier_free_guidance=False, device=policy.device)
+                                            do_classifier_free_guidance=False, device=policy.device,
+                                            max_sequence_length=policy.t5_tokens)
             for j, text in enumerate(chunk):
                 policy.embeds[text] = (e[j].cpu(), p[j].cpu())
         for m in encoders:  # text encoders are dead weight on the accelerator after encoding

@@ -38,6 +38,7 @@ DEFAULTS = dict(
     prompts="",               # a prompt file for --reward (Flow-GRPO's formats); empty: the built-in set
     out="runs/teacher",
     resolution=512,
+    t5_tokens=256,  # T5 tokens per prompt (max_sequence_length); the tiny base has no T5 and uses 1
     num_steps=10,             # SDE steps per rollout
     eval_steps=40,            # ODE steps for evaluation
     guidance=4.5,             # CFG in rollouts and in every training forward
@@ -144,7 +145,7 @@ def main(argv=None):
     # setup: one base, the student LoRA on it, the optimizer and its EMA
     torch.manual_seed(cfg["seed"])
     set_device(device)
-    policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"])
+    policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"], t5_tokens=cfg["t5_tokens"])
     encode(policy, sorted({r["prompt"] for r in train_rows + eval_rows}))
     if resume_from is not None:
         params = add_student(policy, init=resume_from)

@@ -39,7 +39,6 @@ assets/tiny/base_grid.png (64 test samples).
 import argparse
 import itertools
 import json
-import math
 import re
 import time
 import zlib
@@ -573,9 +572,11 @@ def clean_reward(images, prompts, metadata):
 
 # What every stage uses with --preset tiny. Training rollouts keep SD3.5-M's 10 SDE steps;
 # evaluation uses 20 ODE steps (the tiny model's samples stop improving around there).
-SAMPLING = dict(resolution=SIZE, num_steps=10, eval_steps=20, guidance=4.5, noise_level=0.7)
+# Without T5 an SD3 pipeline pads every prompt with max_sequence_length identical zero tokens;
+# the tiny base is trained and sampled with one, which is 2-3x cheaper than SD3's 256.
+SAMPLING = dict(resolution=SIZE, num_steps=10, eval_steps=20, guidance=4.5, noise_level=0.7, t5_tokens=1)
 # build_tiny_pipeline's size arguments for the base
-BASE_MODEL = dict(num_layers=4, heads=4, head_dim=32, text_dim=32, text_layers=2, max_tokens=32)
+BASE_MODEL = dict(patch_size=4, num_layers=6, heads=4, head_dim=32, text_dim=32, text_layers=2, max_tokens=32)
 PRETRAIN = dict(
     steps=600,          # stopped early on purpose: the base must stay mediocre (module docstring)
     batch_size=32,
@@ -610,57 +611,20 @@ def embed_prompts(pipe, prompts):
     """Prompt embeddings exactly as sde_sampler.encode computes them (the same encode_prompt call),
     but with gradients, so the text encoders train with the transformer."""
     e, _, p, _ = pipe.encode_prompt(prompt=list(prompts), prompt_2=None, prompt_3=None,
-                                    do_classifier_free_guidance=False, device=pipe.transformer.device)
+                                    do_classifier_free_guidance=False, device=pipe.transformer.device,
+                                    max_sequence_length=SAMPLING["t5_tokens"])
     return e, p
-
-
-class RepeatedTokenAttention:
-    """SD3 joint attention in which the last context token stands for `copies` identical tokens.
-
-    Without T5, encode_prompt appends 256 all-zero "T5" tokens to the 32 CLIP tokens. Having no
-    position embedding, they stay identical through every block, so they act as one token counted
-    256 times: adding log(256) to its attention logits gives exactly the same softmax, outputs and
-    gradients. Pretraining runs on 33 context tokens instead of 288 (about 2.4x faster) and the
-    saved model is the one sde_sampler samples with all 288. Covers the tiny config only (no
-    q/k norms, no dual attention)."""
-
-    def __init__(self, copies):
-        self.log_copies = math.log(copies)
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        b, n = hidden_states.shape[:2]
-
-        def heads(x, c):
-            return torch.cat([x, c], 1).view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-
-        q = heads(attn.to_q(hidden_states), attn.add_q_proj(encoder_hidden_states))
-        k = heads(attn.to_k(hidden_states), attn.add_k_proj(encoder_hidden_states))
-        v = heads(attn.to_v(hidden_states), attn.add_v_proj(encoder_hidden_states))
-        bias = torch.zeros(1, 1, 1, k.shape[2], dtype=q.dtype, device=q.device)
-        bias[..., -1] = self.log_copies
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        out = out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[3])
-        x, c = out[:, :n], out[:, n:]
-        return attn.to_out[0](x), (c if attn.context_pre_only else attn.to_add_out(c))
-
-
-def compress_embeds(pipe, embeds):
-    """(embeds with the trailing zero tokens cut to one, how many that one stands for)."""
-    copies = embeds.shape[1] - pipe.tokenizer_max_length
-    return (embeds[:, :pipe.tokenizer_max_length + 1], copies) if copies > 1 else (embeds, 1)
 
 
 def flow_matching_loss(pipe, prompts, images, generator, dropout):
     """Rectified-flow loss on a batch of uint8 renders: x_s = (1 - s) x0 + s eps, target
-    v = eps - x0, logit-normal s (SD3's training density), timestep s * 1000. Expects the
-    transformer to run RepeatedTokenAttention when encode_prompt pads with zero tokens."""
+    v = eps - x0, logit-normal s (SD3's training density), timestep s * 1000."""
     x0 = images.float() / 127.5 - 1
     b = x0.shape[0]
     s = torch.sigmoid(torch.randn(b, generator=generator))
     eps = torch.randn(x0.shape, generator=generator)
     drop = torch.rand(b, generator=generator) < dropout
     e, p = embed_prompts(pipe, ["" if d else t for t, d in zip(prompts, drop.tolist())])
-    e, _ = compress_embeds(pipe, e)
     sv = s.view(-1, 1, 1, 1)
     v = pipe.transformer(hidden_states=(1 - sv) * x0 + sv * eps, timestep=s * 1000,
                          encoder_hidden_states=e, pooled_projections=p, return_dict=False)[0]
@@ -669,16 +633,15 @@ def flow_matching_loss(pipe, prompts, images, generator, dropout):
 
 def pretrain(out, steps, batch_size, lr, seed, model=None, warmup=PRETRAIN["warmup"],
              weight_decay=PRETRAIN["weight_decay"], grad_clip=PRETRAIN["grad_clip"],
-             dropout=PRETRAIN["dropout"], ema=PRETRAIN["ema"], progress=True):
+             dropout=PRETRAIN["dropout"], ema=PRETRAIN["ema"], snapshots=(), progress=True):
     """Train a tiny base from scratch on renders of every task's train prompts and save its EMA
     weights (fp16) as a diffusers pipeline folder at `out` (None: don't save). The text encoders
     are random too, so they train jointly. Deterministic for the seed. Returns (pipe, losses);
-    the pipe holds the saved weights."""
+    the pipe holds the saved weights. After each step N in `snapshots` the EMA weights also go
+    to `{out}_step{N}`: the same folder as a run with steps=N (the lr is constant after warmup),
+    which is how one run picks how early to stop."""
     from tqdm import tqdm
     pipe = new_base(seed, **(model or {}))
-    standard = pipe.transformer.attn_processors
-    _, copies = compress_embeds(pipe, embed_prompts(pipe, [""])[0])
-    pipe.transformer.set_attn_processor(RepeatedTokenAttention(copies))
     modules = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]
     for m in modules:
         m.train()
@@ -703,17 +666,30 @@ def pretrain(out, steps, batch_size, lr, seed, model=None, warmup=PRETRAIN["warm
         losses.append(loss.item())
         avg = losses[-1] if avg is None else 0.95 * avg + 0.05 * losses[-1]
         bar.set_postfix(loss=f"{avg:.4f}")
-    with torch.no_grad():
-        for p, a in zip(params, averaged):
-            p.copy_(a)
-    pipe.transformer.set_attn_processor(standard)
+        if out is not None and step + 1 in snapshots and step + 1 < steps:
+            trained = [p.detach().clone() for p in params]
+            _save_weights(pipe, params, averaged, f"{out}_step{step + 1}")
+            _load_weights(params, trained)
     for m in modules:
         m.eval()
+    _load_weights(params, averaged)
     if out is not None:
-        # fp16 halves the folder; load_policy reads it back in fp32, and so does the returned pipe
-        pipe.to(torch.float16).save_pretrained(out)
-        pipe.to(torch.float32)
+        _save_weights(pipe, params, averaged, out)
     return pipe, losses
+
+
+@torch.no_grad()
+def _load_weights(params, values):
+    for p, v in zip(params, values):
+        p.copy_(v)
+
+
+def _save_weights(pipe, params, values, path):
+    """Save the pipeline holding `values` in fp16 (half the folder; load_policy reads it back in
+    fp32, and so does the pipe left behind, which holds the rounded weights)."""
+    _load_weights(params, values)
+    pipe.to(torch.float16).save_pretrained(path)
+    pipe.to(torch.float32)
 
 
 @torch.no_grad()
@@ -768,46 +744,62 @@ def grid_selection(rows, images):
             for im in [im for r, im in zip(rows, images) if r["task"] == task][:n]]
 
 
+def report(folder, record, pipe=None):
+    """Sample and score the base saved in `folder`; write {folder}_grid.png and {folder}_scores.json
+    (the scores added to `record`). `pipe`, the pipeline in memory that was saved there, if given,
+    must embed prompts as the loaded folder does (fp16 storage aside)."""
+    from sde_sampler import encode, load_policy
+    policy = load_policy(str(folder), device="cpu", t5_tokens=SAMPLING["t5_tokens"])
+    if pipe is not None:
+        probe = [r["prompt"] for t in TASKS for r in prompt_set(t, "test")[:4]] + [""]
+        with torch.no_grad():
+            want = embed_prompts(pipe, probe)
+        got = encode(policy, probe)[:2]
+        assert all(torch.allclose(a, b, atol=1e-2) for a, b in zip(got, want)), "encode != training embeddings"
+    test_rows, images = sample_test_set(policy)
+    scores = score_test_set(test_rows, images)
+    grid(grid_selection(test_rows, images)).save(f"{folder}_grid.png")
+    Path(f"{folder}_scores.json").write_text(json.dumps({**record, "scores": scores}, indent=2) + "\n")
+    for task, s in scores.items():
+        print(f"{task:16s} mean {s['mean']:.3f}  strict {s['strict']:.3f}  (n={s['n']})")
+    print(f"wrote {folder}_grid.png and {folder}_scores.json")
+
+
 def main():
     parser = argparse.ArgumentParser(description="Pretrain the tiny base, then sample and score it.")
     parser.add_argument("--out", default="assets/tiny/base")
     for k in ("steps", "batch_size", "lr", "seed"):
         parser.add_argument(f"--{k}", type=type(PRETRAIN[k]), default=PRETRAIN[k])
+    parser.add_argument("--snapshots", default="", help="also save and score the EMA weights after these "
+                        "steps (comma-separated), to {out}_stepN; each equals a run with --steps N")
     args = parser.parse_args()
     torch.set_num_threads(2)  # the budget the base is sized for: 2 CPU cores
-    from sde_sampler import encode, load_policy
+    snapshots = sorted(int(n) for n in args.snapshots.split(",") if n)
     out = Path(args.out)
     rows = sum(len(prompt_set(t, "train")) for t in TASKS)
     print(f"pretraining {out}: {args.steps} steps x batch {args.batch_size} = "
           f"{args.steps * args.batch_size} renders of {rows} train prompts, lr {args.lr}, seed {args.seed}")
     t0 = time.time()
-    pipe, losses = pretrain(out, args.steps, args.batch_size, args.lr, args.seed)
+    pipe, losses = pretrain(out, args.steps, args.batch_size, args.lr, args.seed, snapshots=snapshots)
     train_s = time.time() - t0
     n_params = sum(p.numel() for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2)
                    for p in m.parameters())
-    policy = load_policy(str(out), device="cpu")
-    # the saved pipeline must embed prompts the way it was trained (fp16 storage aside)
-    probe = [r["prompt"] for t in TASKS for r in prompt_set(t, "test")[:4]] + [""]
-    with torch.no_grad():
-        want = embed_prompts(pipe, probe)
-    got = encode(policy, probe)[:2]
-    assert all(torch.allclose(a, b, atol=1e-2) for a, b in zip(got, want)), "encode != training embeddings"
-    test_rows, images = sample_test_set(policy)
-    scores = score_test_set(test_rows, images)
-    stem = out.parent / out.name
-    grid(grid_selection(test_rows, images)).save(f"{stem}_grid.png")
-    cmd = f"python tinyworld.py --out {args.out} --steps {args.steps} --seed {args.seed}"
-    if (args.batch_size, args.lr) != (PRETRAIN["batch_size"], PRETRAIN["lr"]):
-        cmd += f" --batch_size {args.batch_size} --lr {args.lr}"
-    report = {"command": cmd, "pretrain": {**PRETRAIN, **vars(args)}, "model": BASE_MODEL,
-              "params": n_params, "sampling": SAMPLING, "scores": scores,
-              "final_loss": round(float(np.mean(losses[-50:])), 4),
-              "pretrain_seconds": round(train_s), "total_seconds": round(time.time() - t0)}
-    Path(f"{stem}_scores.json").write_text(json.dumps(report, indent=2) + "\n")
-    for task, s in scores.items():
-        print(f"{task:16s} mean {s['mean']:.3f}  strict {s['strict']:.3f}  (n={s['n']})")
-    print(f"wrote {stem}_grid.png and {stem}_scores.json; pretraining {train_s:.0f} s, "
-          f"total wall time {time.time() - t0:.0f} s")
+
+    def command(steps):
+        cmd = f"python tinyworld.py --out {args.out} --steps {steps} --seed {args.seed}"
+        if (args.batch_size, args.lr) != (PRETRAIN["batch_size"], PRETRAIN["lr"]):
+            cmd += f" --batch_size {args.batch_size} --lr {args.lr}"
+        return cmd
+
+    record = {"pretrain": {**PRETRAIN, **vars(args)}, "model": BASE_MODEL, "params": n_params, "sampling": SAMPLING}
+    for n in snapshots:
+        if n < args.steps:
+            print(f"snapshot after {n} steps:")
+            report(f"{out}_step{n}", {**record, "command": command(n),
+                                      "final_loss": round(float(np.mean(losses[n - 50:n])), 4)})
+    report(out, {**record, "command": command(args.steps), "pretrain_seconds": round(train_s),
+                 "final_loss": round(float(np.mean(losses[-50:])), 4)}, pipe)
+    print(f"pretraining {train_s:.0f} s, total wall time {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":
