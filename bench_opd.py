@@ -24,7 +24,7 @@ import torch
 import opd_distill
 import teacher_grpo
 from sde_sampler import TINY_MODEL, add_student, build_tiny_pipeline, load_adapter, load_policy, save_adapter
-from tinyworld import VOCAB_WORDS
+from tinyworld import SAMPLING, VOCAB_WORDS
 
 STEPS = 4  # per run; the first is warm-up
 tmp = Path(tempfile.mkdtemp())
@@ -50,7 +50,7 @@ def peak_rss_mb():
 
 
 # teachers: random LoRAs of the shape a tiny teacher has (the values do not change the cost)
-policy = load_policy(model, device="cpu")
+policy = load_policy(model, device="cpu", t5_tokens=SAMPLING["t5_tokens"])
 add_student(policy, rank=8, alpha=16)
 teachers = {}
 for k, task in enumerate(["count", "text", "clean"]):
@@ -63,7 +63,7 @@ for k, task in enumerate(["count", "text", "clean"]):
 del policy
 
 # 1. time per iteration
-common = dict(model=model, resolution=32, num_steps=10, eval_steps=10, guidance=4.5, group_size=4, prompts_per_step=4,
+common = dict(model=model, resolution=32, t5_tokens=SAMPLING["t5_tokens"], num_steps=10, eval_steps=10, guidance=4.5, group_size=4, prompts_per_step=4,
               batch_size=16, max_steps=STEPS, eval_every=0, save_every=1000, lora_rank=8, lora_alpha=16, seed=0)
 args = lambda cfg: [x for k, v in cfg.items() for x in (f"--{k}", str(v))]  # noqa: E731
 
@@ -79,7 +79,7 @@ opd_distill.main(args({**common, "out": tmp / "opd", "anchor": teachers["clean"]
 t_grpo, t_opd = step_seconds(tmp / "grpo"), step_seconds(tmp / "opd")
 
 # 2. memory as teachers are added
-policy = load_policy(model, device="cpu")
+policy = load_policy(model, device="cpu", t5_tokens=SAMPLING["t5_tokens"])
 params = add_student(policy, rank=8, alpha=16)
 student_bytes = sum(p.numel() * p.element_size() for p in params)
 transformer_bytes = sum(p.numel() * p.element_size() for p in policy.transformer.parameters()) - student_bytes
