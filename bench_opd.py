@@ -63,8 +63,8 @@ for k, task in enumerate(["count", "text", "clean"]):
 del policy
 
 # 1. time per iteration
-common = dict(model=model, resolution=32, t5_tokens=SAMPLING["t5_tokens"], num_steps=10, eval_steps=10, guidance=4.5, group_size=4, prompts_per_step=4,
-              batch_size=16, max_steps=STEPS, eval_every=0, save_every=1000, lora_rank=8, lora_alpha=16, seed=0)
+common = dict(model=model, resolution=32, t5_tokens=SAMPLING["t5_tokens"], num_steps=10, eval_steps=10, guidance=4.5,
+              group_size=4, prompts_per_step=4, batch_size=16, max_steps=STEPS, eval_every=0, save_every=1000, lora_rank=8, lora_alpha=16, seed=0)
 args = lambda cfg: [x for k, v in cfg.items() for x in (f"--{k}", str(v))]  # noqa: E731
 
 

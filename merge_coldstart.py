@@ -76,8 +76,8 @@ DEFAULTS = dict(
 )
 PRESETS = {
     "tiny": dict(resolution=TINY["resolution"], t5_tokens=TINY["t5_tokens"], sample_steps=TINY["eval_steps"],
-                 guidance=TINY["guidance"], samples_per_task=128, batch_size=16, lr=1e-3, lora_rank=8, lora_alpha=16, max_steps=300,
-                 probe_every=50, probe_samples=32, save_every=100),
+                 guidance=TINY["guidance"], samples_per_task=128, batch_size=16, lr=1e-3, lora_rank=8, lora_alpha=16,
+                 max_steps=300, probe_every=50, probe_samples=32, save_every=100),
 }
 METHODS = ("exact", "svd", "ties", "average", "sft")
 

@@ -287,5 +287,6 @@ def main(argv=None):
     bar.close()
     common.finish_run(policy, params, out, cfg, ema)
 
+
 if __name__ == "__main__":
     main(sys.argv[1:])

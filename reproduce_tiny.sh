@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The paper's comparison on the tiny world, from the shipped base, in one command:
+#
+#     bash reproduce_tiny.sh [RUNS_DIR]          # default runs/tiny
+#
+# teachers (count, text, clean) -> GRPO-Mix -> merge and SFT cold starts -> OPD -> eval.py on all.
+# Interrupt it at any point and run it again: a finished stage (its final/ exists) is skipped and
+# an unfinished one resumes from its last checkpoint.
+set -euo pipefail
+cd "$(dirname "$0")"
+R=${1:-runs/tiny}
+mkdir -p "$R"
+start=$SECONDS
+
+stage() {  # stage OUT SCRIPT ARGS...: run SCRIPT --preset tiny ARGS --out OUT unless OUT/final exists
+    local out=$1 script=$2
+    shift 2
+    if [ -e "$out/final" ]; then echo "== $out: done, skipped"; return; fi
+    echo "== $out: python $script --preset tiny $* --out $out"
+    local t=$SECONDS
+    python "$script" --preset tiny "$@" --out "$out" --resume 2>&1 | tee -a "$out.log" | grep -v "it/s\]$" || true
+    [ -e "$out/final" ] || { echo "stage $out failed, see $out.log"; exit 1; }
+    echo "== $out: $((SECONDS - t)) s" | tee -a "$R/times.txt"
+}
+
+for task in count text clean; do
+    stage "$R/$task" teacher_grpo.py --reward "$task"
+done
+stage "$R/mix" teacher_grpo.py --tasks count,text --shared_reward clean:0.2
+T="count=$R/count/final text=$R/text/final"
+stage "$R/merge" merge_coldstart.py --teachers $T --method exact
+stage "$R/sft" merge_coldstart.py --teachers $T --method sft
+stage "$R/opd" opd_distill.py --teachers $T --anchor "$R/clean/final" --init "$R/merge/final"
+stage "$R/opd_nomar" opd_distill.py --teachers $T --anchor "$R/clean/final" --init "$R/merge/final" --beta_mar 0
+stage "$R/opd_sft" opd_distill.py --teachers $T --anchor "$R/clean/final" --init "$R/sft/final"
+
+python eval.py --preset tiny --ckpt base --ckpt "count=$R/count/final" --ckpt "text=$R/text/final" \
+    --ckpt "clean=$R/clean/final" --ckpt "grpo_mix=$R/mix/final" --ckpt "merge=$R/merge/final" \
+    --ckpt "sft=$R/sft/final" --ckpt "opd=$R/opd/final" --ckpt "opd_no_mar=$R/opd_nomar/final" \
+    --ckpt "opd_from_sft=$R/opd_sft/final" --out "$R/eval"
+echo "total: $((SECONDS - start)) s (this invocation; per-stage times in $R/times.txt)"
