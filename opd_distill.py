@@ -240,7 +240,7 @@ def main(argv=None):
             labels["anchor"] = anchor
         traj = rollout_batches(policy, [r["prompt"] for r in batch_rows], cfg["batch_size"], labels=labels,
                                num_steps=cfg["num_steps"], guidance=cfg["guidance"], noise_level=cfg["noise_level"],
-                               generator=gen)
+                               generator=gen, sde_steps=trained_steps)
         lab, sigmas = traj.pop("labels"), traj.pop("sigmas")
         del traj["latents"]
 

@@ -276,8 +276,12 @@ def label_velocities(policy, x, sigma, cond, guidance, names):
 
 @torch.no_grad()
 def rollout(policy, prompts, num_steps, guidance, noise_level, generator=None, latents=None,
-            labels=None, adapter=None, negative_prompt=""):
+            labels=None, adapter=None, negative_prompt="", sde_steps=None):
     """Sample a batch with CFG: SDE when noise_level > 0 (on-policy rollouts), ODE when 0 (eval).
+
+    sde_steps = k keeps the noise in the first k steps only and finishes with ODE steps (the
+    SDE window of Flow-GRPO-Fast): the steps that are not trained then leave no sampling noise
+    in the final image, which matters when the reward reads pixels directly (the tiny world).
 
     labels = {key: adapter name or per-sample list of names} also records those adapters'
     guided velocities at every visited state (teacher / anchor labels, computed once here
@@ -300,7 +304,8 @@ def rollout(policy, prompts, num_steps, guidance, noise_level, generator=None, l
             v = velocity(policy, x, s, cond, guidance)
         for key, names in (labels or {}).items():
             label_out[key].append(label_velocities(policy, x, s, cond, guidance, names))
-        x_next, log_prob, _, _ = sde_step(v, x, s, s_next, noise_level, generator=generator)
+        noisy = sde_steps is None or i < sde_steps
+        x_next, log_prob, _, _ = sde_step(v, x, s, s_next, noise_level if noisy else 0.0, generator=generator)
         states.append(x)
         next_states.append(x_next)
         log_probs.append(log_prob)

@@ -6,8 +6,9 @@ Stage 1: Flow-GRPO. One reward makes a teacher; several tasks make the GRPO-Mix 
     torchrun --nproc_per_node=2 teacher_grpo.py --preset tiny --reward text --out runs/text
     torchrun --nproc_per_node=8 teacher_grpo.py --reward ocr --out runs/ocr          # SD3.5-Medium
 
-Each step: every rank samples its prompts, G images per prompt by SDE rollouts with CFG
-(recording the per-step log-probs, and the base model's velocities at the visited states for the
+Each step: every rank samples its prompts, G images per prompt by SDE rollouts with CFG (SDE
+over the trained steps, ODE after them, so no sampling noise is left in the scored image;
+recording the per-step log-probs, and the base model's velocities at the visited states for the
 KL term), scores them with each prompt's own task reward, and turns the scores into group
 advantages. Then the student LoRA is trained on the first int(num_steps * timestep_fraction)
 steps of every trajectory with the PPO clipped loss on the per-step log-prob ratio plus
@@ -70,7 +71,7 @@ PRESETS = {
     # Flow-GRPO-Fast's trick: train only the first half of the steps (layout is decided early),
     # and spend what that saves on more prompts per step, since most tiny groups have no spread
     "tiny": dict(TINY, group_size=8, prompts_per_step=8, timestep_fraction=0.5,
-                 batch_size=16, updates_per_step=1, lr=2e-3, lora_rank=8, lora_alpha=16, max_steps=80,
+                 batch_size=16, updates_per_step=1, lr=2e-3, lora_rank=8, lora_alpha=16, max_steps=60,
                  eval_every=20, eval_tasks="count,text,clean", eval_prompts=32, save_every=20, ema_decay=0.8),
 }
 
@@ -178,7 +179,8 @@ def main(argv=None):
         policy.transformer.eval()
         traj = rollout_batches(policy, [r["prompt"] for r in batch_rows], cfg["batch_size"],
                                labels={"ref": BASE} if cfg["beta"] else None, num_steps=cfg["num_steps"],
-                               guidance=cfg["guidance"], noise_level=cfg["noise_level"], generator=gen)
+                               guidance=cfg["guidance"], noise_level=cfg["noise_level"], generator=gen,
+                               sde_steps=trained_steps)
         ref, sigmas = traj["labels"].get("ref"), traj["sigmas"]
 
         # rewards: each image by its own task's reward (+ the shared one), then group advantages
@@ -237,6 +239,7 @@ def main(argv=None):
         common.after_step(policy, params, optimizer, ema, eval_rows, cfg, out, step)
     bar.close()
     common.finish_run(policy, params, out, cfg, ema)
+
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -118,6 +118,24 @@ def test_rollout_shapes_and_determinism(policy):
     torch.testing.assert_close(lp, a["log_probs"][:, 2])
 
 
+def test_sde_window_ends_with_ode_steps(policy):
+    """sde_steps=k: noise in the first k steps only; the rest are exactly the ODE from there."""
+    prompts = ["a red circle", "a blue square"]
+    x0 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    win = rollout(policy, prompts, 4, 4.5, 0.7, latents=x0, generator=torch.Generator().manual_seed(1), sde_steps=2)
+    full = rollout(policy, prompts, 4, 4.5, 0.7, latents=x0, generator=torch.Generator().manual_seed(1))
+    assert (win["log_probs"][:, :2] != 0).all() and (win["log_probs"][:, 2:] == 0).all()
+    torch.testing.assert_close(win["states"][:, :3], full["states"][:, :3])
+    cond = encode(policy, prompts)
+    x = win["states"][:, 2]
+    for j in (2, 3):
+        with torch.no_grad():
+            v = velocity(policy, x, win["sigmas"][j].item(), cond, 4.5)
+        x = x + (win["sigmas"][j + 1] - win["sigmas"][j]) * v
+    torch.testing.assert_close(win["latents"], x)
+    assert not torch.allclose(win["latents"], full["latents"])
+
+
 def test_guidance_one_is_conditional_only(policy):
     prompts = ["a red circle", "a blue square"]
     x0 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
