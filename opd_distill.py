@@ -1,7 +1,7 @@
 """
 Stage 2: multi-teacher on-policy distillation (Flow-OPD) with Manifold Anchor Regularization.
 
-    python opd_distill.py --preset tiny                                   # the shipped tiny teachers
+    python opd_distill.py --preset tiny                                   # the shipped tiny teachers and merge
     python opd_distill.py --preset tiny --teachers count=runs/count/final text=runs/text/final \\
         --anchor runs/clean/final --init runs/merge/final --out runs/opd
     torchrun --nproc_per_node=2 opd_distill.py --preset tiny --out runs/opd_ddp
@@ -82,7 +82,7 @@ PRESETS = {
                  lr=1e-3, lora_rank=8, lora_alpha=16, max_steps=60, eval_every=20, eval_prompts=32, save_every=20,
                  ema_decay=0.8, eval_tasks="count,text,clean",
                  teachers=[f"count={TINY_ASSETS / 'count'}", f"text={TINY_ASSETS / 'text'}"],
-                 anchor=str(TINY_ASSETS / "clean")),
+                 anchor=str(TINY_ASSETS / "clean"), init=str(TINY_ASSETS / "merge")),
 }
 
 

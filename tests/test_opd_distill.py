@@ -164,3 +164,14 @@ def test_torchrun_two_ranks(tiny_pipe_dir, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "ranks in sync: 2 ranks hold identical LoRA weights" in res.stdout
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2]
+
+
+def test_quickstart_preset_runs_on_shipped_assets(tmp_path):
+    """The README quickstart (`opd_distill.py --preset tiny`) on the shipped base and teachers,
+    cut to one step: routing, both teachers, the anchor, a saved final LoRA."""
+    out = tmp_path / "opd"
+    opd_distill.main(["--preset", "tiny", "--out", str(out), "--max_steps", "1", "--eval_every", "0",
+                      "--prompts_per_step", "2", "--batch_size", "8"])
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 1 and record["kl"] > 0 and record["mar_kl"] > 0
+    assert (out / "final" / "pytorch_lora_weights.safetensors").exists()
