@@ -158,8 +158,9 @@ def test_torchrun_two_ranks_same_numbers(first_run, tiny_pipe_dir, lora_dir, tmp
     assert _outputs(two)[0] == results
     strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "image"} for x in lines]
     assert strip(_outputs(two)[1]) == strip(details)
-    for task in TASKS:
-        assert Image.open(out / f"grid_{task}.png").tobytes() == Image.open(two / f"grid_{task}.png").tobytes()
+    for task in TASKS:  # the ranks run 1 thread, this process more: float sums may round a pixel by 1
+        a, b = (np.asarray(Image.open(d / f"grid_{task}.png"), dtype=np.int16) for d in (out, two))
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1
 
 
 def test_repeated_ckpt_flags():
