@@ -11,6 +11,14 @@ cd "$(dirname "$0")"
 R=${1:-runs/tiny}
 mkdir -p "$R"
 start=$SECONDS
+# SMOKE=1 cuts every stage to one step on a few images (tests/test_reproduce.py runs it so)
+GRPO=() SFT=() OPD=() EVAL=()
+if [ "${SMOKE:-0}" = 1 ]; then
+    GRPO=(--max_steps 1 --eval_every 0 --prompts_per_step 2 --group_size 2 --batch_size 4)
+    SFT=(--samples_per_task 4 --max_steps 1 --batch_size 4 --probe_samples 4)
+    OPD=(--max_steps 1 --eval_every 0 --prompts_per_step 2 --group_size 2 --batch_size 4)
+    EVAL=(--num_prompts 2)
+fi
 
 stage() {  # stage OUT SCRIPT ARGS...: run SCRIPT --preset tiny ARGS --out OUT unless OUT/final exists
     local out=$1 script=$2
@@ -18,24 +26,24 @@ stage() {  # stage OUT SCRIPT ARGS...: run SCRIPT --preset tiny ARGS --out OUT u
     if [ -e "$out/final" ]; then echo "== $out: done, skipped"; return; fi
     echo "== $out: python $script --preset tiny $* --out $out"
     local t=$SECONDS
-    python "$script" --preset tiny "$@" --out "$out" --resume 2>&1 | tee -a "$out.log" | grep -v "it/s\]$" || true
+    python "$script" --preset tiny "$@" --out "$out" --resume 2>&1 | tee -a "$out.log" || true
     [ -e "$out/final" ] || { echo "stage $out failed, see $out.log"; exit 1; }
     echo "== $out: $((SECONDS - t)) s" | tee -a "$R/times.txt"
 }
 
 for task in count text clean; do
-    stage "$R/$task" teacher_grpo.py --reward "$task"
+    stage "$R/$task" teacher_grpo.py --reward "$task" "${GRPO[@]}"
 done
-stage "$R/mix" teacher_grpo.py --tasks count,text --shared_reward clean:0.2
+stage "$R/mix" teacher_grpo.py --tasks count,text --shared_reward clean:0.2 "${GRPO[@]}"
 T="count=$R/count/final text=$R/text/final"
 stage "$R/merge" merge_coldstart.py --teachers $T --method exact
-stage "$R/sft" merge_coldstart.py --teachers $T --method sft
-stage "$R/opd" opd_distill.py --teachers $T --anchor "$R/clean/final" --init "$R/merge/final"
-stage "$R/opd_nomar" opd_distill.py --teachers $T --anchor "$R/clean/final" --init "$R/merge/final" --beta_mar 0
-stage "$R/opd_sft" opd_distill.py --teachers $T --anchor "$R/clean/final" --init "$R/sft/final"
+stage "$R/sft" merge_coldstart.py --teachers $T --method sft "${SFT[@]}"
+stage "$R/opd" opd_distill.py --teachers $T --anchor "$R/clean/final" --init "$R/merge/final" "${OPD[@]}"
+stage "$R/opd_nomar" opd_distill.py --teachers $T --anchor "$R/clean/final" --init "$R/merge/final" --beta_mar 0 "${OPD[@]}"
+stage "$R/opd_sft" opd_distill.py --teachers $T --anchor "$R/clean/final" --init "$R/sft/final" "${OPD[@]}"
 
 python eval.py --preset tiny --ckpt base --ckpt "count=$R/count/final" --ckpt "text=$R/text/final" \
     --ckpt "clean=$R/clean/final" --ckpt "grpo_mix=$R/mix/final" --ckpt "merge=$R/merge/final" \
     --ckpt "sft=$R/sft/final" --ckpt "opd=$R/opd/final" --ckpt "opd_no_mar=$R/opd_nomar/final" \
-    --ckpt "opd_from_sft=$R/opd_sft/final" --out "$R/eval"
+    --ckpt "opd_from_sft=$R/opd_sft/final" --out "$R/eval" "${EVAL[@]}"
 echo "total: $((SECONDS - start)) s (this invocation; per-stage times in $R/times.txt)"

@@ -1,0 +1,23 @@
+"""reproduce_tiny.sh end to end in its smoke mode: every stage runs, resumes skip, eval sees all."""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CHECKPOINTS = ["base", "count", "text", "clean", "grpo_mix", "merge", "sft", "opd", "opd_no_mar", "opd_from_sft"]
+
+
+def test_smoke_chain_then_resume_skips(tmp_path):
+    runs = tmp_path / "runs"
+    env = {**os.environ, "SMOKE": "1", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(["bash", str(REPO / "reproduce_tiny.sh"), str(runs)], capture_output=True, text=True,
+                         env=env, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    results = json.loads((runs / "eval" / "results.json").read_text())
+    assert list(results) == CHECKPOINTS
+    assert all(set(r) == {"count", "text", "clean"} for r in results.values())
+    assert "total:" in res.stdout
+    again = subprocess.run(["bash", str(REPO / "reproduce_tiny.sh"), str(runs)], capture_output=True, text=True,
+                           env=env, timeout=900)
+    assert again.returncode == 0 and again.stdout.count("done, skipped") == 9
