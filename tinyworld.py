@@ -67,8 +67,12 @@ COLORS = {
 SHAPES = ("circle", "square", "triangle")
 NUMBER_WORDS = {1: "a", 2: "two", 3: "three", 4: "four"}
 RELATIONS = ("left of", "right of", "above", "below")
-OBJECT_SIZES = (7, 8, 9)  # side of a shape's bounding box in pixels
-OBJECT_GAP = 2            # empty pixels kept between shapes, so they stay separate components
+OBJECT_SIZE = 8  # side of a shape's bounding box in pixels
+OBJECT_GAP = 2   # empty pixels kept between shapes, so they stay separate components
+# Shapes and text lines sit on the 4 px grid of the base's patches (patch size 4): a shape is
+# then exactly 2x2 tokens and the k-th glyph always has the same place inside its tokens. Off
+# the grid, a 20-minute base drew ragged blobs and random glyphs (counts 0.15, text 0.09).
+GRID = 4
 
 # A 3x5 font. Every glyph touches all four sides of its box and has ink in every row and
 # column, so a line of text is exactly 10 px tall at scale 2 and glyphs are separated by the
@@ -101,7 +105,7 @@ CHARSET = "".join(GLYPHS)
 GLYPH_BITS = {c: np.array([[p == "#" for p in r] for r in g]) for c, g in GLYPHS.items()}
 GLYPH_SCALE = 2
 GLYPH_SPACING = 2  # empty columns between glyphs; a 4-character line is 4*6 + 3*2 = 30 px
-TEXT_JITTER = 2    # px a line of text may move right of the left margin
+TEXT_LEFT = 1      # the line starts here; glyph k then spans columns 8k+1 .. 8k+6, inside 2 patches
 
 TEXT_TEMPLATES = ('the text "{}"', 'a sign that says "{}"')
 CLEAN_TEMPLATES = ("a clean picture of {}", "a neat drawing of {}")
@@ -116,7 +120,7 @@ TEXT_LENGTHS = (2, 3, 4)
 
 # reward constants (see count_reward / text_reward / clean_reward for why)
 MATCH_DIST = 90        # a pixel belongs to a palette colour if closer than this (RGB L2)
-MIN_OBJECT_AREA = 8    # smaller blobs are speckle, not objects
+MIN_OBJECT_AREA = 16   # smaller blobs are speckle, not objects (the smallest shape is 40 px)
 COUNT_BASE = 0.25      # credit per spec is COUNT_BASE ** |detected - asked|
 SHAPE_FLOOR = 0.25     # credit of a spec whose objects all have the wrong shape
 EXTRA_BASE = 0.5       # credit factor per object of a colour nobody asked for
@@ -126,7 +130,8 @@ INK_DIST = 128         # a pixel is ink if this far from the background (RGB L2)
 FLAT_DIST = 8          # within this of a palette colour counts as a pure, flat pixel
 PURE_RANGE = 24        # purity falls linearly to 0 over this many RGB units beyond FLAT_DIST
 SPECKLE_WEIGHT = 20    # 5% isolated pixels zero the clean score
-MIN_CONTENT = 16       # an image needs this many non-background pixels to be a picture
+MIN_CONTENT = 40       # an image needs this much ink (one triangle) to be a picture; less
+                       # let a clean-reward teacher win by leaving the canvas empty
 CLEAN_STRICT = 0.9
 
 # -----------------------------------------------------------------------------
@@ -267,14 +272,15 @@ def relation_offset(relation, a, b):
 
 
 def _layout(sizes, rng, relation=None):
-    """Random non-touching boxes (x, y, size) inside the image, by sequential rejection.
+    """Random non-touching boxes (x, y, size) on the GRID inside the image, by sequential rejection.
     With a relation, box 0 must be clearly on that side of box 1: at least 6 px along the
     relation's axis and further along it than across it, so the render is unambiguous."""
     while True:
         boxes = []
         for s in sizes:
             for _ in range(100):
-                box = (int(rng.integers(1, SIZE - s)), int(rng.integers(1, SIZE - s)), s)
+                box = (GRID * int(rng.integers(0, (SIZE - s) // GRID + 1)),
+                       GRID * int(rng.integers(0, (SIZE - s) // GRID + 1)), s)
                 if all(_apart(box, b) for b in boxes):
                     boxes.append(box)
                     break
@@ -292,7 +298,7 @@ def _layout(sizes, rng, relation=None):
 
 def _draw_shapes(img, objects, relation, rng):
     items = [(o["color"], o["shape"]) for o in objects for _ in range(o["count"])]
-    sizes = [int(rng.choice(OBJECT_SIZES)) for _ in items]
+    sizes = [OBJECT_SIZE] * len(items)
     for (color, shape), (x, y, s) in zip(items, _layout(sizes, rng, relation)):
         img[y:y + s, x:x + s][shape_mask(shape, s, s)] = COLORS[color]
 
@@ -311,12 +317,11 @@ def text_mask(text):
 def _draw_text(img, text, rng):
     mask = text_mask(text)
     h, w = mask.shape
-    # left-aligned within a few px, at any height: the k-th character then has the same columns
-    # whatever the string's length, which a tiny model (and its causal text encoder, which has
-    # not read the end of the string at character k) can learn in minutes
-    x = int(np.clip(1 + rng.integers(0, TEXT_JITTER + 1), 1, SIZE - w - 1))
-    y = int(rng.integers(1, SIZE - h))
-    img[y:y + h, x:x + w][mask] = INK
+    # left-aligned, at one of the heights 1 px below a grid line: the k-th character then has
+    # the same columns whatever the string's length, which a tiny model (and its causal text
+    # encoder, which has not read the end of the string at character k) can learn in minutes
+    y = 1 + GRID * int(rng.integers(0, (SIZE - h - 2) // GRID + 1))
+    img[y:y + h, TEXT_LEFT:TEXT_LEFT + w][mask] = INK
 
 
 def render(row, seed):

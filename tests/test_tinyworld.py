@@ -63,9 +63,10 @@ def test_render_deterministic_and_varies_with_seed(task):
         a, b = tw.render(r, 7), tw.render(r, 7)
         assert a.size == (tw.SIZE, tw.SIZE) and a.mode == "RGB"
         assert np.array_equal(np.asarray(a), np.asarray(b))
-    # a text line only moves (mostly up and down), so ask for several layouts per row over 8 seeds
+    # a text line only moves up and down (6 heights on the grid), so ask for several layouts per
+    # row over 8 seeds; shapes have many more places
     distinct = [len({tw.render(r, s).tobytes() for s in range(8)}) for r in rows]
-    assert min(distinct) >= 2 and np.mean(distinct) >= 5, distinct
+    assert min(distinct) >= 2 and np.mean(distinct) >= (3 if task == "text" else 5), distinct
 
 
 def test_render_batch_and_training_batch():
