@@ -1,76 +1,169 @@
 """
-Rollout speed against diffusers' own sampler, on the same pipeline, batch, steps and guidance.
+What the pieces cost, in ratios measured within one run (wall-clock on shared machines drifts).
 
-    python bench.py                      # a tiny random pipeline, CPU
-    python bench.py --model stabilityai/stable-diffusion-3.5-medium --batch 8 --steps 40
+    python bench.py                      # all three parts on the tiny world's base, CPU
+    python bench.py --only rollout --model stabilityai/stable-diffusion-3.5-medium --batch 8 --steps 40
 
-Both sides get the same precomputed prompt embeddings and return latents (no decoding), so the
-ratio is the overhead of our loop (adapter switching, bookkeeping of states and log-probs)
-over StableDiffusion3Pipeline.__call__. Repeats are interleaved and the median ratio reported,
-because wall-clock on shared machines drifts.
+1. rollout: our sampling loop against StableDiffusion3Pipeline.__call__ on the same pipeline,
+   batch, steps and guidance, both from the same precomputed prompt embeddings, returning latents
+   (no decoding). Repeats are interleaved and the median ratio is reported.
+2. opd: opd_distill.py against teacher_grpo.py for a few steps on the same prompts, group size,
+   steps, guidance and micro-batch; the ratio of their median per-step wall time (the first step
+   is warm-up). OPD rolls out with the student plus the routed teacher plus the anchor (three
+   forwards a step) and needs no decode or reward; GRPO rolls out with the student plus the base
+   for its KL, then decodes and scores.
+3. memory: one base with the student, then 1, 2, 3 LoRA teachers added as adapters, then (the
+   control) one full-weight copy of the transformer, as a teacher that is not an adapter costs.
+   Reported as the bytes of all distinct tensor storages held by the models, and as the process's
+   peak RSS. This part runs first, so that no training run has set the peak already.
 """
 import argparse
+import copy
+import json
+import resource
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from sde_sampler import build_tiny_pipeline, encode, load_policy, rollout
+from sde_sampler import TINY_MODEL, add_student, build_tiny_pipeline, encode, load_adapter, load_policy, rollout, save_adapter
+from tinyworld import SAMPLING, VOCAB_WORDS
 
-parser = argparse.ArgumentParser()
-parser.add_argument("--model", default=None, help="pipeline id or folder (default: a tiny random one)")
-parser.add_argument("--batch", type=int, default=8)
-parser.add_argument("--steps", type=int, default=10)
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+parser.add_argument("--only", choices=["rollout", "opd", "memory"], action="append",
+                    help="run only these parts (repeatable); default all three")
+parser.add_argument("--model", default=None, help="pipeline id or folder (default: the tiny base, else a tiny random one)")
+parser.add_argument("--batch", type=int, default=8, help="rollout: images per batch")
+parser.add_argument("--steps", type=int, default=10, help="rollout: ODE steps")
 parser.add_argument("--guidance", type=float, default=4.5)
-parser.add_argument("--repeats", type=int, default=5)
+parser.add_argument("--repeats", type=int, default=5, help="rollout: interleaved repeats")
+parser.add_argument("--train_steps", type=int, default=4, help="opd: steps of each run; the first is warm-up")
 args = parser.parse_args()
+parts = args.only or ["memory", "rollout", "opd"]
 
 torch.manual_seed(0)
-tmp = None
-if args.model is None:
-    tmp = tempfile.TemporaryDirectory()
-    build_tiny_pipeline(tmp.name, words=["a", "red", "circle"])
-policy = load_policy(args.model or tmp.name)
-prompts = ["a red circle"] * args.batch
-e, p, ne, npool = encode(policy, prompts)
-scale = policy.pipe.vae_scale_factor
-x0 = torch.randn((args.batch, *policy.latent_shape), generator=torch.Generator().manual_seed(0)).to(policy.device)
+tmp = Path(tempfile.mkdtemp())
+model = args.model or str(TINY_MODEL)
+if args.model is None and not (TINY_MODEL / "model_index.json").exists():
+    model = str(tmp / "pipe")
+    build_tiny_pipeline(model, words=VOCAB_WORDS)
+tiny = args.model is None
+load = dict(device="cpu", t5_tokens=SAMPLING["t5_tokens"]) if tiny else {}
 
 
-def sync():
-    if policy.device.type == "cuda":
-        torch.cuda.synchronize()
+def storage_bytes(modules):
+    """Bytes of the distinct storages behind every parameter and buffer of these modules."""
+    seen = {}
+    for module in modules:
+        for t in [*module.parameters(), *module.buffers()]:
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
 
 
-def ours():
-    return rollout(policy, prompts, args.steps, args.guidance, 0.0, latents=x0)["latents"]
+def pipeline_modules(policy):
+    names = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+    return [m for m in (getattr(policy.pipe, n, None) for n in names) if m is not None]
 
 
-def theirs():
-    return policy.pipe(prompt_embeds=e, pooled_prompt_embeds=p, negative_prompt_embeds=ne,
-                       negative_pooled_prompt_embeds=npool, latents=x0.clone(), num_inference_steps=args.steps,
-                       guidance_scale=args.guidance, height=policy.latent_shape[1] * scale,
-                       width=policy.latent_shape[2] * scale, output_type="latent").images
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def timed(fn):
-    sync()
-    t = time.perf_counter()
-    with torch.no_grad():
-        out = fn()
-    sync()
-    return time.perf_counter() - t, out
+def random_teachers(tasks=("count", "text", "clean")):
+    """LoRA folders of the shape a tiny teacher has (r=8); the values do not change the cost."""
+    policy = load_policy(model, **load)
+    add_student(policy, rank=8, alpha=16)
+    out = {}
+    for k, task in enumerate(tasks):
+        torch.manual_seed(k)
+        with torch.no_grad():
+            for n, p in policy.transformer.named_parameters():
+                if ".student." in n:
+                    p.normal_(std=0.02)
+        out[task] = save_adapter(policy, "student", tmp / task)
+    return out
 
 
-timed(ours), timed(theirs)  # warm-up
-ratios = []
-for _ in range(args.repeats):
-    t_ours, a = timed(ours)
-    t_theirs, b = timed(theirs)
-    ratios.append(t_ours / t_theirs)
-diff = (a.float() - b.float()).abs().max().item()
-print(f"batch {args.batch}, {args.steps} ODE steps, guidance {args.guidance}, device {policy.device}")
-print(f"ours {t_ours:.3f}s  diffusers {t_theirs:.3f}s  (last repeat)  max |diff| {diff:.2e}")
-print(f"rollout / diffusers time ratio: median {statistics.median(ratios):.3f} "
-      f"(min {min(ratios):.3f}, max {max(ratios):.3f}, {args.repeats} repeats)")
+teachers = random_teachers() if {"memory", "opd"} & set(parts) else {}
+
+if "memory" in parts:
+    policy = load_policy(model, **load)
+    params = add_student(policy, rank=8, alpha=16)
+    student_bytes = sum(p.numel() * p.element_size() for p in params)
+    modules = pipeline_modules(policy)
+    rows = [("base + student", storage_bytes(modules), peak_rss_mb())]
+    for k, task in enumerate(teachers):
+        load_adapter(policy, teachers[task], task)
+        rows.append((f"+ {k + 1} LoRA teacher{'s' if k else ''}", storage_bytes(modules), peak_rss_mb()))
+    full_copy = copy.deepcopy(policy.transformer)  # what a full-weight teacher would hold
+    rows.append(("+ 1 full copy", storage_bytes(modules + [full_copy]), peak_rss_mb()))
+    print(f"\n[memory] model {model}; one LoRA adapter (r=8) is {student_bytes / 1e3:.1f} kB")
+    print(f"{'models':<20}{'storage bytes':>16}{'added':>14}{'peak RSS MB':>14}{'added':>10}")
+    for i, (name, b, rss) in enumerate(rows):
+        added = (f"{(b - rows[i - 1][1]) / 1e3:.1f} kB", f"{rss - rows[i - 1][2]:.1f}") if i else ("", "")
+        print(f"{name:<20}{b:>16,}{added[0]:>14}{rss:>14.1f}{added[1]:>10}")
+    del policy, full_copy
+
+if "rollout" in parts:
+    policy = load_policy(model, **load)
+    prompts = ["a red circle"] * args.batch
+    e, p, ne, npool = encode(policy, prompts)
+    scale = policy.pipe.vae_scale_factor
+    x0 = torch.randn((args.batch, *policy.latent_shape), generator=torch.Generator().manual_seed(0)).to(policy.device)
+
+    def sync():
+        if policy.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def ours():
+        return rollout(policy, prompts, args.steps, args.guidance, 0.0, latents=x0)["latents"]
+
+    def theirs():
+        return policy.pipe(prompt_embeds=e, pooled_prompt_embeds=p, negative_prompt_embeds=ne,
+                           negative_pooled_prompt_embeds=npool, latents=x0.clone(), num_inference_steps=args.steps,
+                           guidance_scale=args.guidance, height=policy.latent_shape[1] * scale,
+                           width=policy.latent_shape[2] * scale, output_type="latent").images
+
+    def timed(fn):
+        sync()
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = fn()
+        sync()
+        return time.perf_counter() - t, out
+
+    timed(ours), timed(theirs)  # warm-up
+    ratios = []
+    for _ in range(args.repeats):
+        t_ours, a = timed(ours)
+        t_theirs, b = timed(theirs)
+        ratios.append(t_ours / t_theirs)
+    diff = (a.float() - b.float()).abs().max().item()
+    print(f"\n[rollout] model {model}; batch {args.batch}, {args.steps} ODE steps, guidance {args.guidance}, "
+          f"device {policy.device}")
+    print(f"ours {t_ours:.3f}s  diffusers {t_theirs:.3f}s  (last repeat)  max |diff| {diff:.2e}")
+    print(f"rollout / diffusers time ratio: median {statistics.median(ratios):.3f} "
+          f"(min {min(ratios):.3f}, max {max(ratios):.3f}, {args.repeats} repeats)")
+    del policy
+
+if "opd" in parts:
+    import opd_distill
+    import teacher_grpo
+    common = dict(model=model, resolution=32, t5_tokens=SAMPLING["t5_tokens"], num_steps=10, eval_steps=10,
+                  guidance=args.guidance, group_size=4, prompts_per_step=4, batch_size=16, max_steps=args.train_steps,
+                  eval_every=0, save_every=1000, lora_rank=8, lora_alpha=16, seed=0)
+    flags = lambda cfg: [x for k, v in cfg.items() for x in (f"--{k}", str(v))]  # noqa: E731
+
+    def step_seconds(out):
+        secs = [json.loads(line)["sec"] for line in open(out / "metrics.jsonl")]
+        return statistics.median(secs[1:] or secs)
+
+    teacher_grpo.main(flags({**common, "out": tmp / "grpo", "tasks": "count,text", "updates_per_step": 1, "beta": 0.04}))
+    opd_distill.main(flags({**common, "out": tmp / "opd", "anchor": teachers["clean"], "beta_mar": 0.04})
+                     + ["--teachers", f"count={teachers['count']}", f"text={teachers['text']}"])
+    t_grpo, t_opd = step_seconds(tmp / "grpo"), step_seconds(tmp / "opd")
+    print(f"\n[opd] model {model}; {args.train_steps} steps each, median of steps 2..{args.train_steps}")
+    print(f"GRPO iteration {t_grpo:.2f}s  OPD iteration {t_opd:.2f}s  ratio OPD/GRPO {t_opd / t_grpo:.2f}")

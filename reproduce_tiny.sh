@@ -3,7 +3,8 @@
 #
 #     bash reproduce_tiny.sh [RUNS_DIR]          # default runs/tiny
 #
-# teachers (count, text, clean) -> GRPO-Mix -> merge and SFT cold starts -> OPD -> eval.py on all.
+# teachers (count, text, clean) -> GRPO-Mix -> merge and SFT cold starts -> OPD -> eval.py on all,
+# then curves.py: every task's test score against training step for the teachers, GRPO-Mix and OPD.
 # Interrupt it at any point and run it again: a finished stage (its final/ exists) is skipped and
 # an unfinished one resumes from its last checkpoint.
 set -euo pipefail
@@ -14,9 +15,9 @@ start=$SECONDS
 # SMOKE=1 cuts every stage to one step on a few images (tests/test_reproduce.py runs it so)
 GRPO=() SFT=() OPD=() EVAL=()
 if [ "${SMOKE:-0}" = 1 ]; then
-    GRPO=(--max_steps 1 --eval_every 0 --prompts_per_step 2 --group_size 2 --batch_size 4)
+    GRPO=(--max_steps 1 --eval_every 1 --eval_prompts 1 --prompts_per_step 2 --group_size 2 --batch_size 4)
     SFT=(--samples_per_task 4 --max_steps 1 --batch_size 4 --probe_samples 4)
-    OPD=(--max_steps 1 --eval_every 0 --prompts_per_step 2 --group_size 2 --batch_size 4)
+    OPD=(--max_steps 1 --eval_every 1 --eval_prompts 1 --prompts_per_step 2 --group_size 2 --batch_size 4)
     EVAL=(--num_prompts 2)
 fi
 
@@ -46,4 +47,6 @@ python eval.py --preset tiny --ckpt base --ckpt "count=$R/count/final" --ckpt "t
     --ckpt "clean=$R/clean/final" --ckpt "grpo_mix=$R/mix/final" --ckpt "merge=$R/merge/final" \
     --ckpt "sft=$R/sft/final" --ckpt "opd=$R/opd/final" --ckpt "opd_no_mar=$R/opd_nomar/final" \
     --ckpt "opd_from_sft=$R/opd_sft/final" --out "$R/eval" "${EVAL[@]}"
+python curves.py count="$R/count" text="$R/text" clean="$R/clean" grpo_mix="$R/mix" opd="$R/opd" \
+    --out "$R/curves.png"
 echo "total: $((SECONDS - start)) s (this invocation; per-stage times in $R/times.txt)"

@@ -18,6 +18,7 @@ def test_smoke_chain_then_resume_skips(tmp_path):
     assert list(results) == CHECKPOINTS
     assert all(set(r) == {"count", "text", "clean"} for r in results.values())
     assert "total:" in res.stdout
+    assert (runs / "curves.png").stat().st_size > 0
     again = subprocess.run(["bash", str(REPO / "reproduce_tiny.sh"), str(runs)], capture_output=True, text=True,
                            env=env, timeout=900)
     assert again.returncode == 0 and again.stdout.count("done, skipped") == 9

@@ -1,0 +1,73 @@
+"""
+Each task's test score against training step, one panel per task, one line per run: the seesaw
+of a single-reward teacher, or its absence in a distilled student, at a glance.
+
+    python curves.py mix=runs/tiny/mix opd=runs/tiny/opd --out runs/tiny/curves.png
+
+A run is a training --out folder; its metrics.jsonl holds the periodic evals ({"step", "eval":
+{task: {"mean", ...}}}) that teacher_grpo.py and opd_distill.py write. NAME=DIR names a line;
+a bare DIR is named after its folder.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def eval_curves(run):
+    """{task: ([steps], [mean scores])} from a run folder's metrics.jsonl."""
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics.jsonl (not a training run's --out folder?)")
+    curves = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        for task, s in record.get("eval", {}).items():
+            steps, means = curves.setdefault(task, ([], []))
+            steps.append(record["step"])
+            means.append(s["mean"])
+    if not curves:
+        raise ValueError(f"{path}: no eval records (was the run started with --eval_every 0?)")
+    return curves
+
+
+def plot(runs, out):
+    """runs: {name: folder}. Writes one PNG with a panel per task (tasks in first-seen order)."""
+    curves = {name: eval_curves(run) for name, run in runs.items()}
+    tasks = list(dict.fromkeys(t for c in curves.values() for t in c))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for name, c in curves.items():
+            if task in c:
+                ax.plot(*c[task], marker="o", label=name)
+        ax.set_title(task)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test score (mean reward)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="NAME=DIR or DIR: training runs' --out folders")
+    parser.add_argument("--out", default="curves.png")
+    args = parser.parse_args(argv)
+    runs = dict((r.split("=", 1) if "=" in r else (Path(r).name, r)) for r in args.runs)
+    try:
+        plot(runs, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"curves.py: {e}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

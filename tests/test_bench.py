@@ -1,0 +1,21 @@
+"""bench.py, cut short: it runs every part and its memory figures say what the README claims."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_runs_all_parts_and_lora_teachers_cost_their_adapter():
+    out = subprocess.run([sys.executable, "bench.py", "--repeats", "1", "--batch", "2", "--steps", "2",
+                          "--train_steps", "2"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout
+    assert re.search(r"rollout / diffusers time ratio: median \d", text)
+    assert re.search(r"ratio OPD/GRPO \d", text)
+    adapter_kb = float(re.search(r"one LoRA adapter \(r=8\) is ([\d.]+) kB", text).group(1))
+    added = [float(x) for x in re.findall(r"\+ \d LoRA teachers?\s+[\d,]+\s+([\d.]+) kB", text)]
+    assert len(added) == 3 and all(0 < a < 2 * adapter_kb for a in added), (added, adapter_kb)
+    full = float(re.search(r"\+ 1 full copy\s+[\d,]+\s+([\d.]+) kB", text).group(1))
+    assert full > 10 * adapter_kb  # the control: a model copy costs far more than an adapter
