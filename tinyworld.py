@@ -30,7 +30,7 @@ info one dict per image with "strict" (exact pass/fail, the eval metric) and wha
 The tiny base model is pretrained here too (flow matching on rendered prompts, a few minutes of
 CPU), then sampled on the test prompts; the shipped assets/tiny/base was made by
 
-    python tinyworld.py --out assets/tiny/base --steps 2400 --seed 0
+    python tinyworld.py --out assets/tiny/base --steps 3200 --seed 0
 
 which also writes assets/tiny/base_scores.json (the base's test scores and this command) and
 assets/tiny/base_grid.png (64 test samples).
@@ -583,7 +583,7 @@ SAMPLING = dict(resolution=SIZE, num_steps=10, eval_steps=20, guidance=4.5, nois
 # build_tiny_pipeline's size arguments for the base
 BASE_MODEL = dict(patch_size=4, num_layers=6, heads=4, head_dim=32, text_dim=32, text_layers=2, max_tokens=32)
 PRETRAIN = dict(
-    steps=2400,         # what 20 minutes of 2 CPU cores allow; the base is still weak (README)
+    steps=3200,         # about 13 minutes of 2 CPU cores; the base is mediocre there (README)
     batch_size=32,
     lr=1e-3,            # AdamW, constant after the warmup, so a run of N steps is a prefix of a longer one
     warmup=50,
