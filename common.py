@@ -5,6 +5,7 @@ image grids, and the periodic evaluation (ODE samples of every task's test promp
 """
 
 import argparse
+import collections
 import json
 import os
 import re
@@ -82,11 +83,19 @@ def parse_teachers(specs):
     return teachers
 
 
-def sample_rows(rows, n, seed, step, rank):
+def sample_rows(rows, n, seed, step, rank, balance_tags=False):
     """n training rows for this step and rank, drawn with replacement from a generator seeded by
-    (seed, step, rank): a resumed run redraws exactly what the uninterrupted one would have."""
+    (seed, step, rank): a resumed run redraws exactly what the uninterrupted one would have.
+    balance_tags draws every task equally often, and within a task every metadata "tag",
+    whatever their numbers of prompts."""
     g = torch.Generator().manual_seed(seed * 7_919 + step * 31 + rank)
-    return [rows[i] for i in torch.randint(len(rows), (n,), generator=g).tolist()]
+    if not balance_tags:
+        return [rows[i] for i in torch.randint(len(rows), (n,), generator=g).tolist()]
+    keys = [(r.get("task"), r.get("metadata", {}).get("tag")) for r in rows]
+    rows_per_tag = collections.Counter(keys)
+    tags_per_task = collections.Counter(task for task, _ in rows_per_tag)
+    weights = torch.tensor([1.0 / (rows_per_tag[k] * tags_per_task[k[0]]) for k in keys])
+    return [rows[i] for i in torch.multinomial(weights, n, replacement=True, generator=g).tolist()]
 
 
 def step_generator(device, seed, step, rank):

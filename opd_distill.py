@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 import common
-from prompts import load_prompts
+from prompts import load_prompts, spread
 from rewards import get_reward, set_device
 from sde_sampler import (BASE, add_student, encode, load_adapter, load_policy, resolve_model, rollout_batches, sde_step,
                          transition_kl, velocity)
@@ -54,6 +54,7 @@ DEFAULTS = dict(
     noise_level=0.7,
     group_size=16,             # images per prompt
     prompts_per_step=16,       # prompts per optimizer step over all ranks
+    balance_tags=False,        # draw every task, and every tag within it, equally often
     batch_size=8,              # images per forward, per rank
     timestep_fraction=0.99,    # train the first int(num_steps * 0.99) steps
     loss="pathwise",           # pathwise | pg | both
@@ -78,7 +79,7 @@ DEFAULTS = dict(
 )
 TINY_ASSETS = Path(__file__).resolve().parent / "assets" / "tiny"
 PRESETS = {
-    "tiny": dict(TINY, group_size=4, prompts_per_step=8, batch_size=16,
+    "tiny": dict(TINY, group_size=4, prompts_per_step=8, batch_size=16, balance_tags=True,
                  lr=1e-3, lora_rank=8, lora_alpha=16, max_steps=60, eval_every=20, eval_prompts=32, save_every=20,
                  ema_decay=0.8, eval_tasks="count,text,clean",
                  teachers=[f"count={TINY_ASSETS / 'count'}", f"text={TINY_ASSETS / 'text'}"],
@@ -175,7 +176,7 @@ def main(argv=None):
         eval_tasks = [t for t in (cfg["eval_tasks"].split(",") if cfg["eval_tasks"] else teachers) if t]
         for t in eval_tasks:
             get_reward(t)
-        eval_rows = [r for t in eval_tasks for r in load_prompts(t, "test")[: cfg["eval_prompts"]]]
+        eval_rows = [r for t in eval_tasks for r in spread(load_prompts(t, "test"), cfg["eval_prompts"])]
         if cfg["prompts_per_step"] % world:
             raise ValueError(f"--prompts_per_step {cfg['prompts_per_step']} is not divisible by {world} ranks")
         prompts_per_rank = cfg["prompts_per_step"] // world
@@ -229,7 +230,7 @@ def main(argv=None):
         t0 = time.time()
         rows = all_rows if cfg["routing"] == "mixed" else train_rows[task_schedule(
             step, {t: len(r) for t, r in train_rows.items()}, cfg["prompts_per_step"], epochs)]
-        picked = common.sample_rows(rows, prompts_per_rank, cfg["seed"], step, rank)
+        picked = common.sample_rows(rows, prompts_per_rank, cfg["seed"], step, rank, cfg["balance_tags"])
         batch_rows = [r for r in picked for _ in range(cfg["group_size"])]
         gen = common.step_generator(device, cfg["seed"], step, rank)
 

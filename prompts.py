@@ -270,6 +270,15 @@ def read_prompt_file(path, task, split="train"):
     return rows
 
 
+def spread(rows, n):
+    """n rows evenly spaced over `rows` (all of them if n is 0 or too large). Periodic evals use
+    it instead of a prefix, since a set grouped by tag (tiny count: single, counting, two-object,
+    position) would be judged on its easy tags only."""
+    if not n or n >= len(rows):
+        return list(rows)
+    return [rows[i * len(rows) // n] for i in range(n)]
+
+
 def load_prompts(task, split, path=None):
     """The prompt rows of `task` for `split`: from `path` when given, else the built-in set."""
     if split not in SPLITS:

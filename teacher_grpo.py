@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 import common
-from prompts import load_prompts
+from prompts import load_prompts, spread
 from rewards import get_reward, parse_reward_spec, set_device
 from sde_sampler import (BASE, add_student, decode, encode, load_policy, resolve_model, rollout_batches, sde_step,
                          transition_kl, velocity)
@@ -46,6 +46,7 @@ DEFAULTS = dict(
     noise_level=0.7,          # a in std_s = a * sqrt(s / (1 - s))
     group_size=16,            # images per prompt: the GRPO group
     prompts_per_step=48,      # prompts per step over all ranks (48 x 16 = 768 images)
+    balance_tags=False,       # draw every task, and every tag within it, equally often (authors: uniform)
     batch_size=8,             # images per forward pass, per rank (the micro-batch)
     updates_per_step=2,       # optimizer updates per batch of rollouts (later ones are off-policy)
     timestep_fraction=0.99,   # train the first int(num_steps * 0.99) = 9 of 10 steps
@@ -63,14 +64,16 @@ DEFAULTS = dict(
     max_steps=1000,
     eval_every=50,            # 0 disables periodic eval
     eval_tasks="ocr,geneval", # every task is scored at eval, not only the trained one (the seesaw)
-    eval_prompts=64,          # test prompts per task at eval
+    eval_prompts=64,          # test prompts per task at eval, evenly spaced over the set
     save_every=50,
     seed=0,
 )
 PRESETS = {
     # Flow-GRPO-Fast's trick: train only the first half of the steps (layout is decided early),
-    # and spend what that saves on more prompts per step, since most tiny groups have no spread
-    "tiny": dict(TINY, group_size=8, prompts_per_step=8, timestep_fraction=0.5,
+    # and spend what that saves on more prompts per step, since most tiny groups have no spread.
+    # Tags balanced: 300 of the 336 count prompts are two-object or position ones, where the base
+    # scores ~0.05 and groups rarely spread; uniform draws left the count teacher flat.
+    "tiny": dict(TINY, group_size=8, prompts_per_step=8, timestep_fraction=0.5, balance_tags=True,
                  batch_size=16, updates_per_step=1, lr=2e-3, lora_rank=8, lora_alpha=16, max_steps=60,
                  eval_every=20, eval_tasks="count,text,clean", eval_prompts=32, save_every=20, ema_decay=0.8),
 }
@@ -117,8 +120,8 @@ def main(argv=None):
         if cfg["prompts"] and len(tasks) > 1:
             raise ValueError("--prompts is for a single --reward; GRPO-Mix uses each task's built-in set")
         train_rows = [r for t in tasks for r in load_prompts(t, "train", cfg["prompts"] or None)]
-        eval_rows = [r for t in eval_tasks for r in load_prompts(
-            t, "test", cfg["prompts"] if (t == cfg["reward"] and cfg["prompts"]) else None)[: cfg["eval_prompts"]]]
+        eval_rows = [r for t in eval_tasks for r in spread(load_prompts(
+            t, "test", cfg["prompts"] if (t == cfg["reward"] and cfg["prompts"]) else None), cfg["eval_prompts"])]
         if cfg["prompts_per_step"] % world:
             raise ValueError(f"--prompts_per_step {cfg['prompts_per_step']} is not divisible by {world} ranks")
         prompts_per_rank = cfg["prompts_per_step"] // world
@@ -171,7 +174,7 @@ def main(argv=None):
     while step < cfg["max_steps"]:
         t0 = time.time()
         gen = common.step_generator(device, cfg["seed"], step, rank)
-        picked = common.sample_rows(train_rows, prompts_per_rank, cfg["seed"], step, rank)
+        picked = common.sample_rows(train_rows, prompts_per_rank, cfg["seed"], step, rank, cfg["balance_tags"])
         batch_rows = [r for r in picked for _ in range(cfg["group_size"])]
         groups = torch.arange(prompts_per_rank).repeat_interleave(cfg["group_size"])
 

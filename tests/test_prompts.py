@@ -126,3 +126,26 @@ def test_unknown_task_and_split():
         prompts.load_prompts("ocr", "val")
     with pytest.raises(ValueError, match="no built-in prompts for task 'pickscore'.*ocr, geneval, count"):
         prompts.load_prompts("pickscore", "train")
+
+
+def test_spread_covers_every_tag_of_a_grouped_set():
+    rows = prompts.load_prompts("count", "test")  # grouped by tag: single, counting, two_object, position
+    picked = prompts.spread(rows, 16)
+    assert len(picked) == 16 and len({id(r) for r in picked}) == 16
+    assert {r["metadata"]["tag"] for r in picked} == {"single", "counting", "two_object", "position"}
+    assert {r["metadata"]["tag"] for r in rows[:16]} != {"single", "counting", "two_object", "position"}
+    assert prompts.spread(rows, 0) == rows and prompts.spread(rows, 10_000) == rows
+
+
+def test_balanced_draws_give_tasks_and_tags_equal_shares():
+    import collections
+    import common
+    rows = prompts.load_prompts("count", "train") + prompts.load_prompts("text", "train")
+    draw = lambda balance: [r for step in range(200) for r in common.sample_rows(rows, 20, 0, step, 0, balance)]
+    tasks = collections.Counter(r["task"] for r in draw(True))
+    tags = collections.Counter(r["metadata"]["tag"] for r in draw(True) if r["task"] == "count")
+    assert abs(tasks["count"] / 4000 - 0.5) < 0.03
+    assert all(abs(n / sum(tags.values()) - 0.25) < 0.03 for n in tags.values()), tags
+    uniform = collections.Counter(r["metadata"]["tag"] for r in draw(False) if r["task"] == "count")
+    assert uniform["single"] / sum(uniform.values()) < 0.05  # the control: 7 of 336 prompts
+    assert common.sample_rows(rows, 20, 0, 3, 0, True) == common.sample_rows(rows, 20, 0, 3, 0, True)
