@@ -154,7 +154,7 @@ if "opd" in parts:
     import teacher_grpo
     common = dict(model=model, resolution=32, t5_tokens=SAMPLING["t5_tokens"], num_steps=10, eval_steps=10,
                   guidance=args.guidance, group_size=4, prompts_per_step=4, batch_size=16, max_steps=args.train_steps,
-                  eval_every=0, save_every=1000, lora_rank=8, lora_alpha=16, seed=0)
+                  eval_every=0, eval_tasks="count,text", save_every=1000, lora_rank=8, lora_alpha=16, seed=0)
     flags = lambda cfg: [x for k, v in cfg.items() for x in (f"--{k}", str(v))]  # noqa: E731
 
     def step_seconds(out):

@@ -213,6 +213,17 @@ def summarise(records, plan):
 # -----------------------------------------------------------------------------
 # outputs
 
+def seed_groups(names):
+    """{prefix: [names]} for checkpoints named PREFIX@sN (one run per seed), where a prefix has
+    at least two of them."""
+    groups = {}
+    for name in names:
+        prefix, sep, seed = name.rpartition("@s")
+        if sep and prefix and seed.isdigit():
+            groups.setdefault(prefix, []).append(name)
+    return {p: n for p, n in groups.items() if len(n) > 1}
+
+
 def results_table(results, cfg, n_rows):
     """Markdown: one row per checkpoint, one column per task and the average of the task means."""
     tasks = list(next(iter(results.values())))
@@ -231,6 +242,17 @@ def results_table(results, cfg, n_rows):
             cells.append(f"**{cell}**" if f"{res[t]['mean']:.3f}" == best[t] else cell)
         avg = sum(res[t]["mean"] for t in tasks) / len(tasks)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {avg:.3f} |")
+    groups = seed_groups(results)
+    if groups:
+        lines += ["", "| over seeds | " + " | ".join(tasks) + " | average |",
+                  "| --- | " + " | ".join("---:" for _ in tasks) + " | ---: |"]
+        for prefix, names in groups.items():
+            runs = [{**{t: results[n][t]["mean"] for t in tasks},
+                     "average": sum(results[n][t]["mean"] for t in tasks) / len(tasks)} for n in names]
+            cells = [f"{sum(v) / len(v):.3f} [{min(v):.3f}-{max(v):.3f}]"
+                     for v in ([r[k] for r in runs] for k in [*tasks, "average"])]
+            lines.append(f"| {prefix} ({len(names)} seeds) | " + " | ".join(cells) + " |")
+        lines += ["", "Over seeds: the checkpoints named PREFIX@sN, mean of their task means [min-max]."]
     lines += ["", "Each cell: the task's mean reward (partial credit), with its strict pass rate in parentheses "
               "where the task has one (GenEval's accuracy, exact OCR match); best mean in bold. "
               "pickscore is PickScore / 26. average: the mean of the task means.", ""]

@@ -2,9 +2,12 @@
 # The paper's comparison on the tiny world, from the shipped base, in one command:
 #
 #     bash reproduce_tiny.sh [RUNS_DIR]          # default runs/tiny
+#     SEEDS="0" bash reproduce_tiny.sh           # one seed of the key rows instead of three
 #
-# teachers (count, text, clean) -> GRPO-Mix -> merge and SFT cold starts -> OPD -> eval.py on all,
-# then curves.py: every task's test score against training step for the teachers, GRPO-Mix and OPD.
+# teachers (count, text, clean) -> merge and SFT cold starts -> GRPO-Mix and OPD (merge init, MAR)
+# once per seed -> OPD without MAR, with --loss pg, from the SFT init -> eval.py on all (the
+# seeded rows also as mean [min-max]) -> curves.py: every task's test score against training
+# step for the teachers, GRPO-Mix and OPD.
 # Interrupt it at any point and run it again: a finished stage (its final/ exists) is skipped and
 # an unfinished one resumes from its last checkpoint.
 set -euo pipefail
@@ -35,18 +38,25 @@ stage() {  # stage OUT SCRIPT ARGS...: run SCRIPT --preset tiny ARGS --out OUT u
 for task in count text clean; do
     stage "$R/$task" teacher_grpo.py --reward "$task" "${GRPO[@]}"
 done
-stage "$R/mix" teacher_grpo.py --tasks count,text --shared_reward clean:0.2 "${GRPO[@]}"
 T="count=$R/count/final text=$R/text/final"
 stage "$R/merge" merge_coldstart.py --teachers $T --method exact
 stage "$R/sft" merge_coldstart.py --teachers $T --method sft "${SFT[@]}"
-stage "$R/opd" opd_distill.py --teachers $T --anchor "$R/clean/final" --init "$R/merge/final" "${OPD[@]}"
+# the key rows, GRPO-Mix and OPD from the merge with MAR, once per seed
+MIX=() MAIN=()
+for seed in ${SEEDS:-0 1 2}; do
+    stage "$R/mix_s$seed" teacher_grpo.py --tasks count,text --shared_reward clean:0.2 --seed "$seed" "${GRPO[@]}"
+    stage "$R/opd_s$seed" opd_distill.py --teachers $T --anchor "$R/clean/final" --init "$R/merge/final" \
+        --seed "$seed" "${OPD[@]}"
+    MIX+=(--ckpt "grpo_mix@s$seed=$R/mix_s$seed/final") MAIN+=(--ckpt "opd@s$seed=$R/opd_s$seed/final")
+done
 stage "$R/opd_nomar" opd_distill.py --teachers $T --anchor "$R/clean/final" --init "$R/merge/final" --beta_mar 0 "${OPD[@]}"
+stage "$R/opd_pg" opd_distill.py --teachers $T --anchor "$R/clean/final" --init "$R/merge/final" --loss pg "${OPD[@]}"
 stage "$R/opd_sft" opd_distill.py --teachers $T --anchor "$R/clean/final" --init "$R/sft/final" "${OPD[@]}"
 
 python eval.py --preset tiny --ckpt base --ckpt "count=$R/count/final" --ckpt "text=$R/text/final" \
-    --ckpt "clean=$R/clean/final" --ckpt "grpo_mix=$R/mix/final" --ckpt "merge=$R/merge/final" \
-    --ckpt "sft=$R/sft/final" --ckpt "opd=$R/opd/final" --ckpt "opd_no_mar=$R/opd_nomar/final" \
+    --ckpt "clean=$R/clean/final" "${MIX[@]}" --ckpt "merge=$R/merge/final" --ckpt "sft=$R/sft/final" \
+    "${MAIN[@]}" --ckpt "opd_no_mar=$R/opd_nomar/final" --ckpt "opd_pg=$R/opd_pg/final" \
     --ckpt "opd_from_sft=$R/opd_sft/final" --out "$R/eval" "${EVAL[@]}"
-python curves.py count="$R/count" text="$R/text" clean="$R/clean" grpo_mix="$R/mix" opd="$R/opd" \
+python curves.py count="$R/count" text="$R/text" clean="$R/clean" grpo_mix="$R/mix_s0" opd="$R/opd_s0" \
     --out "$R/curves.png"
 echo "total: $((SECONDS - start)) s (this invocation; per-stage times in $R/times.txt)"

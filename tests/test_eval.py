@@ -167,3 +167,15 @@ def test_repeated_ckpt_flags():
     import common
     cfg = common.parse_config(evaluation.DEFAULTS, evaluation.PRESETS, ["--ckpt", "base", "--ckpt", "a=X", "b=Y"])
     assert cfg["ckpt"] == ["base", "a=X", "b=Y"]
+
+
+def test_runs_over_seeds_are_summarised_as_mean_and_range():
+    assert evaluation.seed_groups(["base", "opd@s0", "opd@s1", "mix@s0", "a@sx", "solo@s3"]) == \
+        {"opd": ["opd@s0", "opd@s1"]}
+    res = {"base": {"count": {"mean": 0.1, "n": 2}, "text": {"mean": 0.5, "n": 2}},
+           "opd@s0": {"count": {"mean": 0.2, "n": 2}, "text": {"mean": 0.6, "n": 2}},
+           "opd@s1": {"count": {"mean": 0.4, "n": 2}, "text": {"mean": 0.4, "n": 2}}}
+    cfg = dict(model="m", eval_steps=20, guidance=4.5, resolution=32, seed=0, split="test")
+    table = evaluation.results_table(res, cfg, {"count": 2, "text": 2})
+    assert "| opd (2 seeds) | 0.300 [0.200-0.400] | 0.500 [0.400-0.600] | 0.400 [0.400-0.400] |" in table
+    assert "base (" not in table

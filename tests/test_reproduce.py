@@ -5,12 +5,13 @@ import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CHECKPOINTS = ["base", "count", "text", "clean", "grpo_mix", "merge", "sft", "opd", "opd_no_mar", "opd_from_sft"]
+CHECKPOINTS = ["base", "count", "text", "clean", "grpo_mix@s0", "grpo_mix@s1", "merge", "sft", "opd@s0", "opd@s1",
+               "opd_no_mar", "opd_pg", "opd_from_sft"]
 
 
 def test_smoke_chain_then_resume_skips(tmp_path):
     runs = tmp_path / "runs"
-    env = {**os.environ, "SMOKE": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "SMOKE": "1", "SEEDS": "0 1", "HF_HUB_OFFLINE": "1"}
     res = subprocess.run(["bash", str(REPO / "reproduce_tiny.sh"), str(runs)], capture_output=True, text=True,
                          env=env, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -18,7 +19,9 @@ def test_smoke_chain_then_resume_skips(tmp_path):
     assert list(results) == CHECKPOINTS
     assert all(set(r) == {"count", "text", "clean"} for r in results.values())
     assert "total:" in res.stdout
+    table = (runs / "eval" / "results.md").read_text()
+    assert "| grpo_mix (2 seeds) |" in table and "| opd (2 seeds) |" in table
     assert (runs / "curves.png").stat().st_size > 0
     again = subprocess.run(["bash", str(REPO / "reproduce_tiny.sh"), str(runs)], capture_output=True, text=True,
                            env=env, timeout=900)
-    assert again.returncode == 0 and again.stdout.count("done, skipped") == 9
+    assert again.returncode == 0 and again.stdout.count("done, skipped") == 12
