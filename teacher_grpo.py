@@ -72,7 +72,7 @@ PRESETS = {
     # Flow-GRPO-Fast's trick: train only the first half of the steps (layout is decided early),
     # and spend what that saves on more prompts per step, since most tiny groups have no spread.
     # Tags balanced: 300 of the 336 count prompts are two-object or position ones, where the base
-    # scores ~0.05 and groups rarely spread; uniform draws left the count teacher flat.
+    # scores ~0.05 and groups rarely spread; with uniform draws the count teacher got worse.
     "tiny": dict(TINY, group_size=8, prompts_per_step=8, timestep_fraction=0.5, balance_tags=True,
                  batch_size=16, updates_per_step=1, lr=2e-3, lora_rank=8, lora_alpha=16, max_steps=80,
                  eval_every=20, eval_tasks="count,text,clean", eval_prompts=32, save_every=20, ema_decay=0.8),
