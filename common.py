@@ -37,7 +37,8 @@ def startup_errors():
     try:
         yield
     except (ValueError, FileNotFoundError, KeyError) as e:
-        msg = e.args[0] if e.args else repr(e)
+        # an OSError's args are (errno, text): its str names the file too
+        msg = str(e) if isinstance(e, OSError) else (e.args[0] if e.args else repr(e))
         raise SystemExit(f"error: {msg}") from None
 
 
@@ -81,6 +82,17 @@ def parse_teachers(specs):
             raise ValueError(f"task {task!r} has two teachers: {teachers[task]} and {path}")
         teachers[task] = path
     return teachers
+
+
+def parse_prompt_files(specs, tasks):
+    """["ocr=FILE", ...] -> {task: FILE}, each task one of `tasks` (--prompts of eval and OPD)."""
+    files = {}
+    for spec in specs:
+        task, sep, path = spec.partition("=")
+        if not sep or not path or task not in tasks:
+            raise ValueError(f"bad --prompts {spec!r}; use TASK=FILE with TASK one of {', '.join(tasks)}")
+        files[task] = path
+    return files
 
 
 def sample_rows(rows, n, seed, step, rank, balance_tags=False):

@@ -301,12 +301,7 @@ def main(argv=None):
             raise ValueError("--tasks is empty")
         for t in tasks:
             get_reward(t)
-        files = {}
-        for spec in cfg["prompts"]:
-            task, sep, path = spec.partition("=")
-            if not sep or task not in tasks:
-                raise ValueError(f"bad --prompts {spec!r}; use TASK=FILE with TASK one of --tasks ({', '.join(tasks)})")
-            files[task] = path
+        files = common.parse_prompt_files(cfg["prompts"], tasks)
         rows, plan = eval_rows(tasks, cfg["split"], cfg["num_prompts"], files, cfg["seed"])
         ckpts = parse_checkpoints(cfg["ckpt"])
         fingerprints = {}

@@ -45,6 +45,7 @@ DEFAULTS = dict(
     teachers=[],               # TASK=PATH ... (or a path named after its task: ocr.pt)
     anchor="",                 # MAR anchor LoRA (e.g. an aesthetic/PickScore teacher); empty: the base
     init="",                   # the student's initial LoRA (merge_coldstart's output); empty: fresh LoRA
+    prompts=[],                # TASK=FILE ...: a task's prompts from a file or split folder; others built in
     out="runs/opd",
     resolution=512,
     t5_tokens=256,  # T5 tokens per prompt (max_sequence_length); the tiny base has no T5 and uses 1
@@ -172,11 +173,12 @@ def main(argv=None):
         epochs = {t: float(e) for t, _, e in (s.partition("=") for s in cfg["epochs_per_task"].split(",") if s)}
         if set(epochs) - set(teachers):
             raise ValueError(f"--epochs_per_task names tasks without a teacher: {sorted(set(epochs) - set(teachers))}")
-        train_rows = {t: load_prompts(t, "train") for t in teachers}
+        files = common.parse_prompt_files(cfg["prompts"], list(teachers))
+        train_rows = {t: load_prompts(t, "train", files.get(t)) for t in teachers}
         eval_tasks = [t for t in (cfg["eval_tasks"].split(",") if cfg["eval_tasks"] else teachers) if t]
         for t in eval_tasks:
             get_reward(t)
-        eval_rows = [r for t in eval_tasks for r in spread(load_prompts(t, "test"), cfg["eval_prompts"])]
+        eval_rows = [r for t in eval_tasks for r in spread(load_prompts(t, "test", files.get(t)), cfg["eval_prompts"])]
         if cfg["prompts_per_step"] % world:
             raise ValueError(f"--prompts_per_step {cfg['prompts_per_step']} is not divisible by {world} ranks")
         prompts_per_rank = cfg["prompts_per_step"] // world
@@ -214,6 +216,7 @@ def main(argv=None):
     if master:
         out.mkdir(parents=True, exist_ok=True)
         common.write_json(out / "config.json", cfg)
+        print(f"train prompts: {', '.join(f'{t} {len(r)}' for t, r in train_rows.items())}")
         print(f"teachers {teachers} | anchor {cfg['anchor'] or 'base'} (beta_mar {cfg['beta_mar']}) | "
               f"init {init or 'fresh LoRA'} | loss {cfg['loss']} | routing {cfg['routing']}")
         print(f"per step: {cfg['prompts_per_step']} prompts x group {cfg['group_size']} = "

@@ -150,6 +150,21 @@ def test_bad_inputs(tiny_pipe_dir, tmp_path):
     assert not (tmp_path / "r" / "metrics.jsonl").exists()  # nothing ran
 
 
+def test_prompt_files(tiny_pipe_dir, tmp_path, capsys):
+    pol = load_policy(str(tiny_pipe_dir), device="cpu")
+    _lora(pol, tmp_path / "count", seed=5)
+    _lora(pol, tmp_path / "text", seed=6)
+    teachers = [f"count={tmp_path / 'count'}", f"text={tmp_path / 'text'}"]
+    (tmp_path / "mine.txt").write_text("two red circles\n\nthree blue squares\n")
+    opd_distill.main(_args(tiny_pipe_dir, tmp_path / "r", teachers, max_steps=1)
+                     + ["--prompts", f"count={tmp_path / 'mine.txt'}"])
+    assert "train prompts: count 2, text 400" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="bad --prompts 'clean=.*'; use TASK=FILE with TASK one of count, text"):
+        opd_distill.main(_args(tiny_pipe_dir, tmp_path / "r2", teachers) + ["--prompts", f"clean={tmp_path / 'mine.txt'}"])
+    with pytest.raises(SystemExit, match="No such file or directory: '.*nope.txt'"):
+        opd_distill.main(_args(tiny_pipe_dir, tmp_path / "r3", teachers) + ["--prompts", f"text={tmp_path / 'nope.txt'}"])
+
+
 def test_torchrun_two_ranks(tiny_pipe_dir, tmp_path):
     pol = load_policy(str(tiny_pipe_dir), device="cpu")
     _lora(pol, tmp_path / "count", seed=5, std=0.1)
