@@ -3,6 +3,7 @@
 #
 #     bash reproduce_tiny.sh [RUNS_DIR]          # default runs/tiny
 #     SEEDS="0" bash reproduce_tiny.sh           # one seed of the key rows instead of three
+#     PYTHON=.venv/bin/python bash reproduce_tiny.sh   # without activating the venv
 #
 # teachers (count, text, clean) -> merge and SFT cold starts -> GRPO-Mix and OPD (merge init, MAR)
 # once per seed -> OPD without MAR, with --loss pg, from the SFT init -> eval.py on all (the
@@ -13,6 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 R=${1:-runs/tiny}
+PY=${PYTHON:-python}  # the interpreter with this repo's requirements (the active venv's by default)
 mkdir -p "$R"
 start=$SECONDS
 # SMOKE=1 cuts every stage to one step on a few images (tests/test_reproduce.py runs it so)
@@ -30,7 +32,7 @@ stage() {  # stage OUT SCRIPT ARGS...: run SCRIPT --preset tiny ARGS --out OUT u
     if [ -e "$out/final" ]; then echo "== $out: done, skipped"; return; fi
     echo "== $out: python $script --preset tiny $* --out $out"
     local t=$SECONDS
-    python "$script" --preset tiny "$@" --out "$out" --resume 2>&1 | tee -a "$out.log" || true
+    "$PY" "$script" --preset tiny "$@" --out "$out" --resume 2>&1 | tee -a "$out.log" || true
     [ -e "$out/final" ] || { echo "stage $out failed, see $out.log"; exit 1; }
     echo "== $out: $((SECONDS - t)) s" | tee -a "$R/times.txt"
 }
@@ -53,10 +55,11 @@ stage "$R/opd_nomar" opd_distill.py --teachers $T --anchor "$R/clean/final" --in
 stage "$R/opd_pg" opd_distill.py --teachers $T --anchor "$R/clean/final" --init "$R/merge/final" --loss pg "${OPD[@]}"
 stage "$R/opd_sft" opd_distill.py --teachers $T --anchor "$R/clean/final" --init "$R/sft/final" "${OPD[@]}"
 
-python eval.py --preset tiny --ckpt base --ckpt "count=$R/count/final" --ckpt "text=$R/text/final" \
+"$PY" eval.py --preset tiny --ckpt base --ckpt "count=$R/count/final" --ckpt "text=$R/text/final" \
     --ckpt "clean=$R/clean/final" "${MIX[@]}" --ckpt "merge=$R/merge/final" --ckpt "sft=$R/sft/final" \
     "${MAIN[@]}" --ckpt "opd_no_mar=$R/opd_nomar/final" --ckpt "opd_pg=$R/opd_pg/final" \
     --ckpt "opd_from_sft=$R/opd_sft/final" --out "$R/eval" "${EVAL[@]}"
-python curves.py count="$R/count" text="$R/text" clean="$R/clean" grpo_mix="$R/mix_s0" opd="$R/opd_s0" \
+"$PY" curves.py count="$R/count" text="$R/text" clean="$R/clean" grpo_mix="$R/mix_s0" opd="$R/opd_s0" \
     --out "$R/curves.png"
-echo "total: $((SECONDS - start)) s (this invocation; per-stage times in $R/times.txt)"
+echo "total: $((SECONDS - start)) s this invocation; the stages in $R/times.txt add to" \
+    "$(awk '{s += $(NF - 1)} END {print s + 0}' "$R/times.txt") s over every invocation"

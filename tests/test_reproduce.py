@@ -2,6 +2,7 @@
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -11,7 +12,7 @@ CHECKPOINTS = ["base", "count", "text", "clean", "grpo_mix@s0", "grpo_mix@s1", "
 
 def test_smoke_chain_then_resume_skips(tmp_path):
     runs = tmp_path / "runs"
-    env = {**os.environ, "SMOKE": "1", "SEEDS": "0 1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "SMOKE": "1", "SEEDS": "0 1", "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable}
     res = subprocess.run(["bash", str(REPO / "reproduce_tiny.sh"), str(runs)], capture_output=True, text=True,
                          env=env, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -25,3 +26,6 @@ def test_smoke_chain_then_resume_skips(tmp_path):
     again = subprocess.run(["bash", str(REPO / "reproduce_tiny.sh"), str(runs)], capture_output=True, text=True,
                            env=env, timeout=900)
     assert again.returncode == 0 and again.stdout.count("done, skipped") == 12
+    # the second invocation ran no stage, yet reports the stages' time over both
+    stages = sum(int(line.split()[-2]) for line in (runs / "times.txt").read_text().splitlines())
+    assert f"add to {stages} s over every invocation" in again.stdout
