@@ -125,6 +125,10 @@ def setup_dist():
         return 0, 1, device
     local = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
+        if local >= torch.cuda.device_count():
+            # otherwise set_device fails deep in CUDA with "invalid device ordinal"
+            raise SystemExit(f"error: local rank {local} but only {torch.cuda.device_count()} GPU(s) on this node; "
+                     f"use --nproc_per_node={torch.cuda.device_count()} or fewer")
         torch.cuda.set_device(local)
         dist.init_process_group("nccl")
         device = torch.device("cuda", local)

@@ -102,6 +102,19 @@ def ppo_loss(log_prob, old_log_prob, advantages, clip_range):
     return torch.maximum(unclipped, clipped).mean(), ((ratio - 1).abs() > clip_range).float().mean()
 
 
+def step_loss(policy, traj, idx, j, adv, cond, cfg):
+    """PPO loss, KL to the base (0 when beta is 0) and clip fraction at step j of the rollouts
+    idx, recomputing the student's velocity with gradients; adv holds those rollouts' advantages."""
+    s, s_next = traj["sigmas"][j].item(), traj["sigmas"][j + 1].item()
+    x = traj["states"][idx, j]
+    v = velocity(policy, x, s, cond, cfg["guidance"])
+    _, log_prob, _, _ = sde_step(v, x, s, s_next, cfg["noise_level"], prev_sample=traj["next_states"][idx, j])
+    loss, clipfrac = ppo_loss(log_prob, traj["log_probs"][idx, j], adv, cfg["clip_range"])
+    kl = (transition_kl(v, traj["labels"]["ref"][idx, j], s, s_next, cfg["noise_level"], cfg["kl_weighting"]).mean()
+          if cfg["beta"] else torch.zeros((), device=x.device))
+    return loss, kl, clipfrac
+
+
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
@@ -184,7 +197,6 @@ def main(argv=None):
                                labels={"ref": BASE} if cfg["beta"] else None, num_steps=cfg["num_steps"],
                                guidance=cfg["guidance"], noise_level=cfg["noise_level"], generator=gen,
                                sde_steps=trained_steps)
-        ref, sigmas = traj["labels"].get("ref"), traj["sigmas"]
 
         # rewards: each image by its own task's reward (+ the shared one), then group advantages
         images = decode(policy, traj["latents"])
@@ -214,13 +226,7 @@ def main(argv=None):
                 cond = encode(policy, [batch_rows[i]["prompt"] for i in idx.tolist()])
                 idx = idx.to(device)
                 for j in range(trained_steps):
-                    s, s_next = sigmas[j].item(), sigmas[j + 1].item()
-                    x = traj["states"][idx, j]
-                    v = velocity(policy, x, s, cond, cfg["guidance"])
-                    _, log_prob, _, _ = sde_step(v, x, s, s_next, cfg["noise_level"], prev_sample=traj["next_states"][idx, j])
-                    loss, clipfrac = ppo_loss(log_prob, traj["log_probs"][idx, j], adv[idx], cfg["clip_range"])
-                    kl = transition_kl(v, ref[idx, j], s, s_next, cfg["noise_level"], cfg["kl_weighting"]).mean() \
-                        if cfg["beta"] else torch.zeros((), device=device)
+                    loss, kl, clipfrac = step_loss(policy, traj, idx, j, adv[idx], cond, cfg)
                     ((loss + cfg["beta"] * kl) / (per_update * trained_steps)).backward()
                     n = cfg["updates_per_step"] * per_update * trained_steps
                     stats["policy_loss"] += loss.item() / n

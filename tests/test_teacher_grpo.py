@@ -129,3 +129,13 @@ def test_torchrun_two_ranks_identical_weights(tiny_pipe_dir, tmp_path, prompt_fi
     assert any(v.abs().sum() > 0 for k, v in final.items() if "lora_B" in k)  # it trained
     steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
     assert steps == [1, 2]  # rank 0 alone logs
+
+
+def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch):
+    import common
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit, match="local rank 1 but only 1 GPU"):
+        common.setup_dist()
