@@ -1,4 +1,8 @@
 """grpo_snr.py: batches agree on the gradient of a reward that carries signal, and not on noise."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -40,3 +44,13 @@ def test_needs_a_reward_and_two_batches(tiny_pipe_dir, prompt_file):
         grpo_snr.main(_args(tiny_pipe_dir, prompt_file, ""))
     with pytest.raises(SystemExit, match="--batches must be at least 2"):
         grpo_snr.main(_args(tiny_pipe_dir, prompt_file, "brightness", batches=1))
+
+
+def test_readme_command_on_the_shipped_base_cut_short():
+    repo = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "grpo_snr.py", "--preset", "tiny", "--reward", "count", "--batches", "2",
+                          "--prompts_per_step", "1", "--group_size", "4", "--batch_size", "4", "--num_steps", "2"],
+                         cwd=repo, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "count: 1 prompt(s)" in res.stdout
+    assert "gradient cosine between batches:" in res.stdout and "control, advantages shuffled:" in res.stdout
