@@ -128,7 +128,7 @@ def setup_dist():
         if local >= torch.cuda.device_count():
             # otherwise set_device fails deep in CUDA with "invalid device ordinal"
             raise SystemExit(f"error: local rank {local} but only {torch.cuda.device_count()} GPU(s) on this node; "
-                     f"use --nproc_per_node={torch.cuda.device_count()} or fewer")
+                             f"use --nproc_per_node={torch.cuda.device_count()} or fewer")
         torch.cuda.set_device(local)
         dist.init_process_group("nccl")
         device = torch.device("cuda", local)
