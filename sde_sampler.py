@@ -317,11 +317,13 @@ def rollout(policy, prompts, num_steps, guidance, noise_level, generator=None, l
 
 def rollout_batches(policy, prompts, batch_size, labels=None, **kwargs):
     """rollout over many prompts in micro-batches of batch_size (per-sample label lists are
-    sliced along), concatenated along the batch. kwargs go to rollout."""
+    sliced along, and so are starting latents), concatenated along the batch. kwargs go to rollout."""
     outs = []
+    latents = kwargs.pop("latents", None)
     for i in range(0, len(prompts), batch_size):
         part = {k: (v[i:i + batch_size] if isinstance(v, list) else v) for k, v in (labels or {}).items()}
-        outs.append(rollout(policy, prompts[i:i + batch_size], labels=part, **kwargs))
+        start = None if latents is None else latents[i:i + batch_size]
+        outs.append(rollout(policy, prompts[i:i + batch_size], labels=part, latents=start, **kwargs))
     merged = {k: torch.cat([o[k] for o in outs]) for k in ("states", "next_states", "log_probs", "latents")}
     merged["sigmas"] = outs[0]["sigmas"]
     merged["labels"] = {k: torch.cat([o["labels"][k] for o in outs]) for k in outs[0]["labels"]}

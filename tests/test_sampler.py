@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from sde_sampler import (BASE, add_student, cfg, encode, load_adapter, noise_scale, rollout, save_adapter,
-                         sd3_sigmas, sde_step, transition_kl, using_adapter, velocity)
+from sde_sampler import (BASE, add_student, cfg, encode, load_adapter, noise_scale, rollout, rollout_batches,
+                         save_adapter, sd3_sigmas, sde_step, transition_kl, using_adapter, velocity)
 
 
 def _state(b=3, shape=(3, 4, 4), seed=0):
@@ -116,6 +116,15 @@ def test_rollout_shapes_and_determinism(policy):
     _, lp, _, _ = sde_step(v, a["states"][:, 2], a["sigmas"][2].item(), a["sigmas"][3].item(), 0.7,
                            prev_sample=a["next_states"][:, 2])
     torch.testing.assert_close(lp, a["log_probs"][:, 2])
+
+
+def test_rollout_batches_slices_given_latents(policy):
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    start = torch.randn((3, *policy.latent_shape), generator=torch.Generator().manual_seed(0))
+    whole = rollout(policy, prompts, 3, 4.5, 0.0, latents=start)
+    parts = rollout_batches(policy, prompts, 2, num_steps=3, guidance=4.5, noise_level=0.0, latents=start)
+    torch.testing.assert_close(parts["latents"], whole["latents"])
+    torch.testing.assert_close(parts["states"][:, 0], start)
 
 
 def test_sde_window_ends_with_ode_steps(policy):
