@@ -31,7 +31,7 @@ DEFAULTS = dict(teacher_grpo.DEFAULTS, batches=4, probe_prompts=1)
 
 
 def grad_vector(params):
-    return torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in params])
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
 
 
 def mean_cosine(vectors):
