@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 import common
-from prompts import load_prompts, spread
+from prompts import held_out_note, load_prompts, spread
 from rewards import get_reward, set_device
 from sde_sampler import (BASE, add_student, encode, load_adapter, load_policy, resolve_model, rollout_batches, sde_step,
                          transition_kl, velocity)
@@ -217,6 +217,8 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         common.write_json(out / "config.json", cfg)
         print(f"train prompts: {', '.join(f'{t} {len(r)}' for t, r in train_rows.items())}")
+        for note in filter(None, map(held_out_note, files.values())):
+            print(note)
         print(f"teachers {teachers} | anchor {cfg['anchor'] or 'base'} (beta_mar {cfg['beta_mar']}) | "
               f"init {init or 'fresh LoRA'} | loss {cfg['loss']} | routing {cfg['routing']}")
         print(f"per step: {cfg['prompts_per_step']} prompts x group {cfg['group_size']} = "

@@ -270,6 +270,16 @@ def read_prompt_file(path, task, split="train"):
     return rows
 
 
+def held_out_note(path):
+    """A line for the log when a training run's prompt path is one file: its prompts then serve
+    as the test prompts too, and periodic evals measure fit, not generalisation. None for the
+    built-in sets and for a folder with train and test files."""
+    if path and not os.path.isdir(path):
+        return (f"note: {path} is one file, so the periodic evals score training prompts; a folder "
+                "with train and test files (train.txt, test.txt or .jsonl) holds prompts out")
+    return None
+
+
 def spread(rows, n):
     """n rows evenly spaced over `rows` (all of them if n is 0 or too large). Periodic evals use
     it instead of a prefix, since a set grouped by tag (tiny count: single, counting, two-object,

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 import common
-from prompts import load_prompts, spread
+from prompts import held_out_note, load_prompts, spread
 from rewards import get_reward, parse_reward_spec, set_device
 from sde_sampler import (BASE, add_student, decode, encode, load_policy, resolve_model, rollout_batches, sde_step,
                          transition_kl, velocity)
@@ -155,6 +155,8 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         common.write_json(out / "config.json", cfg)
         print(f"tasks {tasks} | {len(train_rows)} train prompts | eval {eval_tasks} x {cfg['eval_prompts']}")
+        for note in filter(None, [held_out_note(cfg["prompts"])]):
+            print(note)
         print(f"per step: {cfg['prompts_per_step']} prompts x group {cfg['group_size']} = "
               f"{cfg['prompts_per_step'] * cfg['group_size']} images over {world} rank(s); per rank "
               f"{prompts_per_rank} prompts, {images_per_rank} images in {micro} micro-batches of "

@@ -158,7 +158,9 @@ def test_prompt_files(tiny_pipe_dir, tmp_path, capsys):
     (tmp_path / "mine.txt").write_text("two red circles\n\nthree blue squares\n")
     opd_distill.main(_args(tiny_pipe_dir, tmp_path / "r", teachers, max_steps=1)
                      + ["--prompts", f"count={tmp_path / 'mine.txt'}"])
-    assert "train prompts: count 2, text 400" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "train prompts: count 2, text 400" in out
+    assert out.count("is one file, so the periodic evals score training prompts") == 1  # count's, not text's
     with pytest.raises(SystemExit, match="bad --prompts 'clean=.*'; use TASK=FILE with TASK one of count, text"):
         opd_distill.main(_args(tiny_pipe_dir, tmp_path / "r2", teachers) + ["--prompts", f"clean={tmp_path / 'mine.txt'}"])
     with pytest.raises(SystemExit, match="No such file or directory: '.*nope.txt'"):

@@ -111,6 +111,13 @@ def test_folder_in_flow_grpo_layout(tmp_path):
         prompts.load_prompts("ocr", "test", path=str(tmp_path / "empty"))
 
 
+def test_held_out_note_only_for_a_single_file(tmp_path):
+    (tmp_path / "train.txt").write_text("a cat\n")
+    note = prompts.held_out_note(str(tmp_path / "train.txt"))
+    assert note.startswith(f"note: {tmp_path / 'train.txt'} is one file") and "\n" not in note
+    assert prompts.held_out_note(str(tmp_path)) is None and prompts.held_out_note("") is None
+
+
 def test_other_tasks_from_files_and_tiny_world(tmp_path, monkeypatch):
     (tmp_path / "p.txt").write_text("a cozy cabin at dusk\n")
     assert prompts.load_prompts("pickscore", "train", path=str(tmp_path / "p.txt")) == [

@@ -62,8 +62,9 @@ def _evals(out):
     return [r["eval"]["brightness"]["mean"] for r in map(json.loads, open(Path(out) / "metrics.jsonl")) if "eval" in r]
 
 
-def test_grpo_raises_reward_and_lr_zero_does_not(tiny_pipe_dir, tmp_path, prompt_file):
+def test_grpo_raises_reward_and_lr_zero_does_not(tiny_pipe_dir, tmp_path, prompt_file, capsys):
     teacher_grpo.main(_args(tiny_pipe_dir, tmp_path / "learn", prompt_file))
+    assert f"note: {prompt_file} is one file, so the periodic evals score training prompts" in capsys.readouterr().out
     teacher_grpo.main(_args(tiny_pipe_dir, tmp_path / "control", prompt_file, lr=0.0))
     learn, control = _evals(tmp_path / "learn"), _evals(tmp_path / "control")
     assert learn[0] == control[0]  # same seeds, same start
