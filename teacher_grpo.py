@@ -155,7 +155,7 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         common.write_json(out / "config.json", cfg)
         print(f"tasks {tasks} | {len(train_rows)} train prompts | eval {eval_tasks} x {cfg['eval_prompts']}")
-        for note in filter(None, [held_out_note(cfg["prompts"])]):
+        if note := held_out_note(cfg["prompts"]):
             print(note)
         print(f"per step: {cfg['prompts_per_step']} prompts x group {cfg['group_size']} = "
               f"{cfg['prompts_per_step'] * cfg['group_size']} images over {world} rank(s); per rank "
