@@ -27,10 +27,17 @@ info one dict per image with "strict" (exact pass/fail, the eval metric) and wha
     scores, info = tinyworld.count_reward(images, [r["prompt"] for r in rows],
                                           [r["metadata"] for r in rows])
 
-The tiny base model is pretrained here too (flow matching on rendered prompts, a few minutes of
-CPU), then sampled on the test prompts; the shipped assets/tiny/base was made by
+The tiny base model is pretrained here too (flow matching on rendered prompts, about 20 minutes
+of CPU), then sampled on the test prompts. Like web data, the pictures of its last stretch of
+training are not all faithful: from step PRETRAIN["flaw_from"] on, a share PRETRAIN["flaw_rate"]
+of them carry their task's flaw, which that task's reward alone marks down: an extra shape in a
+colour the prompt does not name (count), a grey band across the board (clean), a grey bar under
+the line that the reader takes for the text (text). No prompt mentions them, so guidance does not
+remove them: the base draws them often, and a teacher can learn not to, one change shared by
+every prompt of its task. (Flawed pictures from step 0 cost the base its glyphs and counts, and
+then GRPO had nothing to build on.) The shipped assets/tiny/base was made by
 
-    python tinyworld.py --out assets/tiny/base --steps 3200 --seed 0
+    python tinyworld.py --out assets/tiny/base --steps 4600 --seed 0
 
 which also writes assets/tiny/base_scores.json (the base's test scores and this command) and
 assets/tiny/base_grid.png (64 test samples).
@@ -56,6 +63,8 @@ SIZE = 32
 TASKS = ("count", "text", "clean")
 WHITE = (255, 255, 255)  # every render's background
 INK = (20, 20, 20)       # the text colour
+STAIN = (150, 150, 150)  # the flaw of text and clean pictures: a grey no palette colour is near
+STAIN_BAR = 8            # rows of the grey bar across the bottom of a flawed text picture
 # Pairwise RGB distances are >= 115 (blue-purple), so nearest-colour segmentation is unambiguous.
 COLORS = {
     "red": (220, 40, 40),
@@ -68,11 +77,13 @@ SHAPES = ("circle", "square", "triangle")
 NUMBER_WORDS = {1: "a", 2: "two", 3: "three", 4: "four"}
 RELATIONS = ("left of", "right of", "above", "below")
 OBJECT_SIZE = 8  # side of a shape's bounding box in pixels
-OBJECT_GAP = 2   # empty pixels kept between shapes, so they stay separate components
-# Shapes and text lines sit on the 4 px grid of the base's patches (patch size 4): a shape is
-# then exactly 2x2 tokens and the k-th glyph always has the same place inside its tokens. Off
-# the grid, a 20-minute base drew ragged blobs and random glyphs (counts 0.15, text 0.09).
+# Text lines sit on the 4 px grid of the base's patches (patch size 4), so the k-th glyph always
+# has the same place inside its tokens; shapes sit in the cells of a 3x3 board on that grid,
+# each exactly 2x2 tokens with a token of space around it. With shapes anywhere on the grid, a
+# 20-minute base still drew merged and broken blobs (count 0.24 after 4800 steps), errors no
+# teacher could fix in 15 minutes; off the grid it drew ragged blobs (count 0.15, text 0.09).
 GRID = 4
+CELLS = [(x, y) for y in (0, 12, 24) for x in (0, 12, 24)]  # top-left corners (x, y) of the board
 
 # A 3x5 font. Every glyph touches all four sides of its box and has ink in every row and
 # column, so a line of text is exactly 10 px tall at scale 2 and glyphs are separated by the
@@ -123,7 +134,7 @@ MATCH_DIST = 90        # a pixel belongs to a palette colour if closer than this
 MIN_OBJECT_AREA = 16   # smaller blobs are speckle, not objects (the smallest shape is 40 px)
 COUNT_BASE = 0.25      # credit per spec is COUNT_BASE ** |detected - asked|
 SHAPE_FLOOR = 0.25     # credit of a spec whose objects all have the wrong shape
-EXTRA_BASE = 0.5       # credit factor per object of a colour nobody asked for
+EXTRA_BASE = 0.25      # credit factor per object of a colour nobody asked for (as a miscount)
 POSITION_MARGIN = 2    # px the centroids must be apart along the relation's axis
 POSITION_FLOOR = 0.1   # credit of a relation that is clearly violated or unmeasurable
 INK_DIST = 128         # a pixel is ink if this far from the background (RGB L2)
@@ -258,12 +269,6 @@ def _rng(row, seed):
     return np.random.default_rng([seed, zlib.crc32(row["prompt"].encode())])
 
 
-def _apart(a, b):
-    """Boxes (x, y, size) do not overlap even after growing one by OBJECT_GAP."""
-    return (a[0] + a[2] + OBJECT_GAP <= b[0] or b[0] + b[2] + OBJECT_GAP <= a[0]
-            or a[1] + a[2] + OBJECT_GAP <= b[1] or b[1] + b[2] + OBJECT_GAP <= a[1])
-
-
 def relation_offset(relation, a, b):
     """Signed distance (px) by which centroid a = (x, y) satisfies `a <relation> b`;
     positive means satisfied. Image y grows downwards."""
@@ -271,36 +276,26 @@ def relation_offset(relation, a, b):
     return {"left of": dx, "right of": -dx, "above": dy, "below": -dy}[relation]
 
 
-def _layout(sizes, rng, relation=None):
-    """Random non-touching boxes (x, y, size) on the GRID inside the image, by sequential rejection.
-    With a relation, box 0 must be clearly on that side of box 1: at least 6 px along the
-    relation's axis and further along it than across it, so the render is unambiguous."""
+def _layout(n, rng, relation=None):
+    """n boxes (x, y) drawn without replacement from the CELLS. With a relation, box 0 must be
+    clearly on that side of box 1: a cell further along the relation's axis, and no further
+    across it than along it, so the render is unambiguous."""
     while True:
-        boxes = []
-        for s in sizes:
-            for _ in range(100):
-                box = (GRID * int(rng.integers(0, (SIZE - s) // GRID + 1)),
-                       GRID * int(rng.integers(0, (SIZE - s) // GRID + 1)), s)
-                if all(_apart(box, b) for b in boxes):
-                    boxes.append(box)
-                    break
-        if len(boxes) < len(sizes):
-            continue
+        boxes = [CELLS[i] for i in rng.choice(len(CELLS), size=n, replace=False)]
         if relation:
-            (ax, ay, sa), (bx, by, sb) = boxes
-            a, b = (ax + sa / 2, ay + sa / 2), (bx + sb / 2, by + sb / 2)
-            along = relation_offset(relation, a, b)
-            across = abs(a[1] - b[1]) if relation in ("left of", "right of") else abs(a[0] - b[0])
-            if along < 6 or across > along:
+            along = relation_offset(relation, boxes[0], boxes[1])
+            across = abs(boxes[0][1] - boxes[1][1]) if relation in ("left of", "right of") else \
+                abs(boxes[0][0] - boxes[1][0])
+            if along <= 0 or across > along:
                 continue
         return boxes
 
 
-def _draw_shapes(img, objects, relation, rng):
-    items = [(o["color"], o["shape"]) for o in objects for _ in range(o["count"])]
-    sizes = [OBJECT_SIZE] * len(items)
-    for (color, shape), (x, y, s) in zip(items, _layout(sizes, rng, relation)):
-        img[y:y + s, x:x + s][shape_mask(shape, s, s)] = COLORS[color]
+def _draw_shapes(img, objects, relation, rng, distractor=None):
+    items = [(COLORS[o["color"]], o["shape"]) for o in objects for _ in range(o["count"])]
+    items += [distractor] if distractor else []  # last, so the relation still holds for boxes 0 and 1
+    for (rgb, shape), (x, y) in zip(items, _layout(len(items), rng, relation)):
+        img[y:y + OBJECT_SIZE, x:x + OBJECT_SIZE][shape_mask(shape, OBJECT_SIZE, OBJECT_SIZE)] = rgb
 
 
 def text_mask(text):
@@ -314,41 +309,60 @@ def text_mask(text):
     return bits.repeat(GLYPH_SCALE, 0).repeat(GLYPH_SCALE, 1)
 
 
-def _draw_text(img, text, rng):
+def _draw_text(img, text, rng, bottom=SIZE - 1):
     mask = text_mask(text)
     h, w = mask.shape
     # left-aligned, at one of the heights 1 px below a grid line: the k-th character then has
     # the same columns whatever the string's length, which a tiny model (and its causal text
     # encoder, which has not read the end of the string at character k) can learn in minutes
-    y = 1 + GRID * int(rng.integers(0, (SIZE - h - 2) // GRID + 1))
+    y = 1 + GRID * int(rng.integers(0, (bottom - h - 1) // GRID + 1))
     img[y:y + h, TEXT_LEFT:TEXT_LEFT + w][mask] = INK
 
 
-def render(row, seed):
+def render(row, seed, flawed=False):
     """A 32x32 RGB PIL image satisfying the row's metadata; placement and sizes come from the
-    seed, so the drawing is deterministic for (row, seed)."""
+    seed, so the drawing is deterministic for (row, seed). flawed: add the task's flaw, as a
+    share PRETRAIN["flaw_rate"] of the pretraining pictures have it (see the module docstring)."""
     rng = _rng(row, seed)
     img = np.full((SIZE, SIZE, 3), WHITE, np.uint8)
     meta = row["metadata"]
-    if row["task"] == "text":
+    if row["task"] == "text" and flawed:
+        # a grey bar under the line, with more ink than any line: the reader takes it for the text
+        bar = SIZE - 1 - STAIN_BAR
+        _draw_text(img, meta["text"], rng, bottom=bar - 2)
+        img[bar:SIZE - 1, TEXT_LEFT:SIZE - TEXT_LEFT] = STAIN
+    elif row["task"] == "text":
         _draw_text(img, meta["text"], rng)
     else:
-        _draw_shapes(img, meta["objects"], meta.get("relation"), rng)
+        distractor = None
+        if flawed and row["task"] == "count":
+            asked = {o["color"] for o in meta["objects"]}
+            distractor = (COLORS[str(rng.choice([c for c in COLORS if c not in asked]))], str(rng.choice(SHAPES)))
+        elif flawed:
+            # a grey band over the gap between the board's top and middle rows, so no shape
+            # hides it. Always in the same place, like the text bar: a flaw at random places
+            # averages out in the model's prediction and guidance wipes it (a grey square in a
+            # free cell survived in 3% of samples), a fixed one it keeps
+            img[OBJECT_SIZE:CELLS[3][1]] = STAIN
+        _draw_shapes(img, meta["objects"], meta.get("relation"), rng, distractor)
     return Image.fromarray(img)
 
 
-def render_batch(rows, seeds):
-    """uint8 tensor (B, 3, 32, 32) of render(row, seed) for each pair."""
-    arr = np.stack([np.asarray(render(r, s)) for r, s in zip(rows, seeds)])
+def render_batch(rows, seeds, flawed=None):
+    """uint8 tensor (B, 3, 32, 32) of render(row, seed, flawed) for each triple (flawed: None, no flaws)."""
+    flawed = [False] * len(rows) if flawed is None else flawed
+    arr = np.stack([np.asarray(render(r, s, f)) for r, s, f in zip(rows, seeds, flawed)])
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
-def sample_training_batch(rows, batch_size, seed):
+def sample_training_batch(rows, batch_size, seed, flaw_rate=0.0):
     """Pretraining data: batch_size rows drawn uniformly from `rows`, each rendered with a fresh
-    seed. Returns (rows, uint8 tensor (B, 3, 32, 32)). Deterministic for the seed."""
+    seed and, with probability flaw_rate, with its task's flaw. Returns (rows, uint8 tensor
+    (B, 3, 32, 32)). Deterministic for the seed."""
     rng = np.random.default_rng(seed)
     picked = [rows[i] for i in rng.integers(0, len(rows), size=batch_size)]
-    return picked, render_batch(picked, rng.integers(0, 2 ** 31, size=batch_size).tolist())
+    seeds = rng.integers(0, 2 ** 31, size=batch_size).tolist()
+    return picked, render_batch(picked, seeds, (rng.random(batch_size) < flaw_rate).tolist())
 
 # -----------------------------------------------------------------------------
 # parsing images back
@@ -583,13 +597,15 @@ SAMPLING = dict(resolution=SIZE, num_steps=10, eval_steps=20, guidance=4.5, nois
 # build_tiny_pipeline's size arguments for the base
 BASE_MODEL = dict(patch_size=4, num_layers=6, heads=4, head_dim=32, text_dim=32, text_layers=2, max_tokens=32)
 PRETRAIN = dict(
-    steps=3200,         # about 13 minutes of 2 CPU cores; the base is mediocre there (README)
+    steps=4600,         # about 19 minutes of 2 CPU cores (README)
     batch_size=32,
     lr=1e-3,            # AdamW, constant after the warmup, so a run of N steps is a prefix of a longer one
     warmup=50,
     weight_decay=0.01,
     grad_clip=1.0,
     dropout=0.1,        # share of prompts replaced by "", the negative prompt of our CFG
+    flaw_rate=0.4,      # share of renders drawn with their task's flaw (render(..., flawed=True))...
+    flaw_from=4000,     # ...from this step on; before it every render is faithful (see pretrain)
     ema=0.99,           # the saved weights are this EMA of the trained ones
     seed=0,
 )
@@ -638,13 +654,15 @@ def flow_matching_loss(pipe, prompts, images, generator, dropout):
 
 def pretrain(out, steps, batch_size, lr, seed, model=None, warmup=PRETRAIN["warmup"],
              weight_decay=PRETRAIN["weight_decay"], grad_clip=PRETRAIN["grad_clip"],
-             dropout=PRETRAIN["dropout"], ema=PRETRAIN["ema"], snapshots=(), progress=True):
+             dropout=PRETRAIN["dropout"], ema=PRETRAIN["ema"], flaw_rate=PRETRAIN["flaw_rate"],
+             flaw_from=PRETRAIN["flaw_from"], snapshots=(), progress=True):
     """Train a tiny base from scratch on renders of every task's train prompts and save its EMA
     weights (fp16) as a diffusers pipeline folder at `out` (None: don't save). The text encoders
     are random too, so they train jointly. Deterministic for the seed. Returns (pipe, losses);
     the pipe holds the saved weights. After each step N in `snapshots` the EMA weights also go
     to `{out}_step{N}`: the same folder as a run with steps=N (the lr is constant after warmup),
-    which is how one run picks how early to stop."""
+    which is how one run picks how early to stop. Renders are faithful before step flaw_from and
+    flawed at flaw_rate from it on."""
     from tqdm import tqdm
     pipe = new_base(seed, **(model or {}))
     modules = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]
@@ -659,7 +677,8 @@ def pretrain(out, steps, batch_size, lr, seed, model=None, warmup=PRETRAIN["warm
     losses, avg = [], None
     bar = tqdm(range(steps), desc="pretrain", disable=not progress)
     for step in bar:
-        picked, images = sample_training_batch(rows, batch_size, seed=[seed, step])
+        rate = flaw_rate if step >= flaw_from else 0.0
+        picked, images = sample_training_batch(rows, batch_size, seed=[seed, step], flaw_rate=rate)
         loss = flow_matching_loss(pipe, [r["prompt"] for r in picked], images, g, dropout)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -712,9 +731,19 @@ def sample_test_set(policy, eval_steps=SAMPLING["eval_steps"], guidance=SAMPLING
     return rows, images
 
 
+def shows_flaw(task, img, info):
+    """Whether a sample carries its task's pretraining flaw: a shape in a colour nobody asked for
+    (count; `info` is its count_reward info), or a grey bar or band (text, clean)."""
+    if task == "count":
+        return info["extra"] > 0
+    grey = palette_distances(np.asarray(img, np.float32), np.array([STAIN], np.float32))[..., 0] < MATCH_DIST / 2
+    return int(grey.sum()) >= MIN_OBJECT_AREA
+
+
 def score_test_set(rows, images):
-    """Each task's own reward on its test prompts (mean and strict pass rate), plus the clean
-    score of every test image (the anchor's view of all tasks)."""
+    """Each task's own reward on its test prompts (mean and strict pass rate, and the share of
+    samples with the task's flaw), plus the clean score of every test image (the anchor's view
+    of all tasks)."""
     rewards = {"count": count_reward, "text": text_reward, "clean": clean_reward}
     scores = {}
     for task in TASKS:
@@ -722,7 +751,8 @@ def score_test_set(rows, images):
         s, info = rewards[task]([images[i] for i in idx], [rows[i]["prompt"] for i in idx],
                                 [rows[i]["metadata"] for i in idx])
         scores[task] = {"mean": round(s.mean().item(), 4),
-                        "strict": round(float(np.mean([x["strict"] for x in info])), 4), "n": len(idx)}
+                        "strict": round(float(np.mean([x["strict"] for x in info])), 4), "n": len(idx),
+                        "flawed": round(float(np.mean([shows_flaw(task, images[i], x) for i, x in zip(idx, info)])), 4)}
     s, info = clean_reward(images, None, None)
     scores["clean_all_tasks"] = {"mean": round(s.mean().item(), 4),
                                  "strict": round(float(np.mean([x["strict"] for x in info])), 4),
@@ -766,14 +796,15 @@ def report(folder, record, pipe=None):
     grid(grid_selection(test_rows, images)).save(f"{folder}_grid.png")
     Path(f"{folder}_scores.json").write_text(json.dumps({**record, "scores": scores}, indent=2) + "\n")
     for task, s in scores.items():
-        print(f"{task:16s} mean {s['mean']:.3f}  strict {s['strict']:.3f}  (n={s['n']})")
+        flawed = f"  flawed {s['flawed']:.2f}" if "flawed" in s else ""
+        print(f"{task:16s} mean {s['mean']:.3f}  strict {s['strict']:.3f}  (n={s['n']}){flawed}")
     print(f"wrote {folder}_grid.png and {folder}_scores.json")
 
 
 def main():
     parser = argparse.ArgumentParser(description="Pretrain the tiny base, then sample and score it.")
     parser.add_argument("--out", default="assets/tiny/base")
-    for k in ("steps", "batch_size", "lr", "seed"):
+    for k in ("steps", "batch_size", "lr", "seed", "flaw_rate", "flaw_from"):
         parser.add_argument(f"--{k}", type=type(PRETRAIN[k]), default=PRETRAIN[k])
     parser.add_argument("--snapshots", default="", help="also save and score the EMA weights after these "
                         "steps (comma-separated), to {out}_stepN; each equals a run with --steps N")
@@ -785,16 +816,16 @@ def main():
     print(f"pretraining {out}: {args.steps} steps x batch {args.batch_size} = "
           f"{args.steps * args.batch_size} renders of {rows} train prompts, lr {args.lr}, seed {args.seed}")
     t0 = time.time()
-    pipe, losses = pretrain(out, args.steps, args.batch_size, args.lr, args.seed, snapshots=snapshots)
+    pipe, losses = pretrain(out, args.steps, args.batch_size, args.lr, args.seed, flaw_rate=args.flaw_rate,
+                            flaw_from=args.flaw_from, snapshots=snapshots)
     train_s = time.time() - t0
     n_params = sum(p.numel() for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2)
                    for p in m.parameters())
 
     def command(steps):
-        cmd = f"python tinyworld.py --out {args.out} --steps {steps} --seed {args.seed}"
-        if (args.batch_size, args.lr) != (PRETRAIN["batch_size"], PRETRAIN["lr"]):
-            cmd += f" --batch_size {args.batch_size} --lr {args.lr}"
-        return cmd
+        changed = [f" --{k} {getattr(args, k)}" for k in ("batch_size", "lr", "flaw_rate", "flaw_from")
+                   if getattr(args, k) != PRETRAIN[k]]
+        return f"python tinyworld.py --out {args.out} --steps {steps} --seed {args.seed}" + "".join(changed)
 
     record = {"pretrain": {**PRETRAIN, **vars(args)}, "model": BASE_MODEL, "params": n_params, "sampling": SAMPLING}
     for n in snapshots:

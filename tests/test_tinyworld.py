@@ -64,7 +64,7 @@ def test_render_deterministic_and_varies_with_seed(task):
         assert a.size == (tw.SIZE, tw.SIZE) and a.mode == "RGB"
         assert np.array_equal(np.asarray(a), np.asarray(b))
     # a text line only moves up and down (6 heights on the grid), so ask for several layouts per
-    # row over 8 seeds; shapes have many more places
+    # row over 8 seeds; shapes have the 9 cells of the board
     distinct = [len({tw.render(r, s).tobytes() for s in range(8)}) for r in rows]
     assert min(distinct) >= 2 and np.mean(distinct) >= (3 if task == "text" else 5), distinct
 
@@ -78,6 +78,47 @@ def test_render_batch_and_training_batch():
     picked2, images2 = tw.sample_training_batch(rows, 8, seed=3)
     assert picked == picked2 and torch.equal(images, images2) and images.shape == (8, 3, 32, 32)
     assert not torch.equal(images, tw.sample_training_batch(rows, 8, seed=4)[1])
+    # flaw_rate: that share of the batch is drawn flawed, and the rest as render() draws them
+    rows = tw.prompt_set("count", "train")
+    picked, images = tw.sample_training_batch(rows, 200, seed=5, flaw_rate=0.7)
+    extra = [i["extra"] for i in tw.count_reward(images, None, [r["metadata"] for r in picked])[1]]
+    assert 0.6 < np.mean(extra) < 0.8 and set(extra) == {0, 1}
+    assert torch.equal(tw.sample_training_batch(rows, 8, seed=5, flaw_rate=0.0)[1],
+                       tw.sample_training_batch(rows, 8, seed=5)[1])
+
+
+def test_flawed_renders_lose_their_own_task():
+    """The pretraining data's flaws, each marked down by its own task's reward alone: a shape in a
+    colour the prompt does not name costs count as much as a miscount; a grey band across the
+    board makes a clean picture impure; a grey bar under a line of text is read instead of it."""
+    rows = tw.prompt_set("count", "test")
+    flawed = [tw.render(r, i, flawed=True) for i, r in enumerate(rows)]
+    scores, info = _score(tw.count_reward, flawed, rows)
+    assert all(i["extra"] == 1 and not i["strict"] for i in info)
+    assert abs(scores.mean().item() - tw.EXTRA_BASE) < 1e-6
+    assert tw.clean_reward(flawed, None, None)[0].mean() >= 0.95
+    rows = tw.prompt_set("clean", "test")
+    flawed = [tw.render(r, i, flawed=True) for i, r in enumerate(rows)]
+    assert tw.clean_reward(flawed, None, None)[0].max() <= 0.6
+    assert _score(tw.count_reward, flawed, rows)[0].min() >= 0.95
+    rows = tw.prompt_set("text", "test")
+    flawed = [tw.render(r, i, flawed=True) for i, r in enumerate(rows)]
+    scores, info = _score(tw.text_reward, flawed, rows)
+    assert scores.mean() <= 0.1 and len({i["read"] for i in info}) == 1
+    # the line itself is intact: blank the bar and it reads again
+    unbarred = [np.asarray(im).copy() for im in flawed]
+    for im in unbarred:
+        im[tw.SIZE - 1 - tw.STAIN_BAR:] = tw.WHITE
+    assert _score(tw.text_reward, [Image.fromarray(im) for im in unbarred], rows)[0].min() == 1
+
+
+def test_shows_flaw_tells_flawed_renders_from_faithful_ones():
+    for task in tw.TASKS:
+        rows = tw.prompt_set(task, "test")[:24]
+        for flawed in (False, True):
+            images = [tw.render(r, i, flawed=flawed) for i, r in enumerate(rows)]
+            info = _score(tw.count_reward, images, rows)[1] if task == "count" else [{}] * len(rows)
+            assert [tw.shows_flaw(task, im, x) for im, x in zip(images, info)] == [flawed] * len(rows), task
 
 
 # -----------------------------------------------------------------------------
@@ -202,6 +243,14 @@ def test_pretrained_folder_loads_and_encodes_as_trained(tmp_path):
     got = encode(policy, prompts)[:2]
     for a, b in zip(got, want):  # the returned pipe holds the saved (fp16-rounded) weights
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+
+
+def test_flaws_start_at_flaw_from():
+    """Pretraining is faithful up to step flaw_from and draws flawed renders after it: the same
+    losses as a run without flaws until then, and other losses after."""
+    kw = dict(steps=3, batch_size=4, lr=1e-3, seed=1, model=TINY, flaw_rate=1.0, progress=False)
+    late, never = tw.pretrain(None, flaw_from=2, **kw)[1], tw.pretrain(None, flaw_from=3, **kw)[1]
+    assert late[:2] == never[:2] and late[2] != never[2]
 
 
 def test_shipped_base_loads_samples_and_is_mediocre():
