@@ -33,7 +33,7 @@ training are not all faithful: from step PRETRAIN["flaw_from"] on, a share PRETR
 of them carry their task's flaw, which that task's reward alone marks down: an extra shape in a
 colour the prompt does not name (count), a grey band across the board (clean), a grey bar under
 the line that the reader takes for the text (text). No prompt mentions them, so guidance does not
-remove them: the base draws them often, and a teacher can learn not to, one change shared by
+ask them away: the base draws them often, and a teacher can learn not to, one change shared by
 every prompt of its task. (Flawed pictures from step 0 cost the base its glyphs and counts, and
 then GRPO had nothing to build on.) The shipped assets/tiny/base was made by
 
