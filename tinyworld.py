@@ -326,13 +326,13 @@ def render(row, seed, flawed=False):
     rng = _rng(row, seed)
     img = np.full((SIZE, SIZE, 3), WHITE, np.uint8)
     meta = row["metadata"]
-    if row["task"] == "text" and flawed:
-        # a grey bar under the line, with more ink than any line: the reader takes it for the text
+    if row["task"] == "text":
+        # the flaw: a grey bar under the line, with more ink than any line, so the reader takes
+        # it for the text
         bar = SIZE - 1 - STAIN_BAR
-        _draw_text(img, meta["text"], rng, bottom=bar - 2)
-        img[bar:SIZE - 1, TEXT_LEFT:SIZE - TEXT_LEFT] = STAIN
-    elif row["task"] == "text":
-        _draw_text(img, meta["text"], rng)
+        _draw_text(img, meta["text"], rng, bottom=bar - 2 if flawed else SIZE - 1)
+        if flawed:
+            img[bar:SIZE - 1, TEXT_LEFT:SIZE - TEXT_LEFT] = STAIN
     else:
         distractor = None
         if flawed and row["task"] == "count":

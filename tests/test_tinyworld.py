@@ -3,6 +3,8 @@
 import copy
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -251,6 +253,21 @@ def test_flaws_start_at_flaw_from():
     kw = dict(steps=3, batch_size=4, lr=1e-3, seed=1, model=TINY, flaw_rate=1.0, progress=False)
     late, never = tw.pretrain(None, flaw_from=2, **kw)[1], tw.pretrain(None, flaw_from=3, **kw)[1]
     assert late[:2] == never[:2] and late[2] != never[2]
+
+
+def test_pretraining_command_writes_base_report_and_snapshot(tmp_path):
+    """The README's pretraining command, cut to 3 steps with the flaws from step 1 and a snapshot
+    after step 2: both folders get a scores file (with every task's flawed share) and a grid, and
+    each records the command that regenerates it."""
+    out = tmp_path / "base"
+    subprocess.run([sys.executable, "tinyworld.py", "--out", str(out), "--steps", "3", "--flaw_from", "1",
+                    "--snapshots", "2"], cwd=Path(tw.__file__).parent, check=True, capture_output=True)
+    for steps, folder in ((3, out), (2, f"{out}_step2")):
+        record = json.loads(Path(f"{folder}_scores.json").read_text())
+        assert record["command"] == f"python tinyworld.py --out {out} --steps {steps} --seed 0 --flaw_from 1"
+        assert all(0 <= record["scores"][t]["flawed"] <= 1 for t in tw.TASKS)
+        assert Image.open(f"{folder}_grid.png").size[0] > 8 * tw.SIZE
+        assert (Path(folder) / "model_index.json").exists()
 
 
 def test_shipped_base_loads_samples_and_is_mediocre():
