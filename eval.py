@@ -23,9 +23,10 @@ base model, prompt, seed, steps, guidance, resolution, dtype, device type): re-s
 another reward, adding a checkpoint, a task or more prompts regenerates nothing already there.
 
 Writes into --out: results.json {checkpoint: {task: {"mean", "strict", "n"}}} ("strict" where
-the reward has a pass/fail), results.md (the table), grid_<task>.png (rows = prompts, columns =
-checkpoints, each cell's score in its corner), details.jsonl (one line per image and task: prompt,
-seed, score and what the reward read or detected) and config.json.
+the reward has a pass/fail; "tags", the same per prompt tag, where a task's prompts have several,
+as GenEval's and the tiny count prompts do), results.md (the tables), grid_<task>.png (rows =
+prompts, columns = checkpoints, each cell's score in its corner), details.jsonl (one line per
+image and task: prompt, tag, seed, score and what the reward read or detected) and config.json.
 """
 
 import hashlib
@@ -197,16 +198,33 @@ def score(rows, plan, images, batch_size):
     return records
 
 
-def summarise(records, plan):
-    """{task: {"mean", "strict", "n"}} from one checkpoint's records ("strict" where given)."""
+def tag_of(row):
+    return (row.get("metadata") or {}).get("tag")
+
+
+def _stats(records):
+    strict = [bool(r[3]["strict"]) for r in records if "strict" in r[3]]
+    out = {"mean": sum(r[2] for r in records) / len(records)}
+    if strict:
+        out["strict"] = sum(strict) / len(strict)
+    out["n"] = len(records)
+    return out
+
+
+def summarise(records, plan, rows):
+    """{task: {"mean", "strict", "n"}} from one checkpoint's records ("strict" where given), plus
+    "tags": the same per prompt tag where a task's own prompts carry several (GenEval reports its
+    score per tag: a mean can hide that counting learned while position did not)."""
     out = {}
     for task in plan:
         mine = [r for r in records if r[0] == task]
-        strict = [bool(r[3]["strict"]) for r in mine if "strict" in r[3]]
-        out[task] = {"mean": sum(r[2] for r in mine) / len(mine)}
-        if strict:
-            out[task]["strict"] = sum(strict) / len(strict)
-        out[task]["n"] = len(mine)
+        out[task] = _stats(mine)
+        tags = {}
+        for r in mine:
+            if rows[r[1]]["task"] == task and tag_of(rows[r[1]]) is not None:
+                tags.setdefault(tag_of(rows[r[1]]), []).append(r)
+        if len(tags) > 1:
+            out[task]["tags"] = {t: _stats(rs) for t, rs in tags.items()}
     return out
 
 
@@ -256,6 +274,19 @@ def results_table(results, cfg, n_rows):
     lines += ["", "Each cell: the task's mean reward (partial credit), with its strict pass rate in parentheses "
               "where the task has one (GenEval's accuracy, exact OCR match); best mean in bold. "
               "pickscore is PickScore / 26. average: the mean of the task means.", ""]
+    for t in tasks:
+        tags = list(dict.fromkeys(tag for r in results.values() for tag in r[t].get("tags", {})))
+        if not tags:
+            continue
+        n = {tag: next(r[t]["tags"][tag]["n"] for r in results.values() if tag in r[t].get("tags", {})) for tag in tags}
+        lines += [f"`{t}` per prompt tag (mean, strict pass rate in parentheses):", "",
+                  "| checkpoint | " + " | ".join(f"{tag} ({n[tag]})" for tag in tags) + " |",
+                  "| --- | " + " | ".join("---:" for _ in tags) + " |"]
+        for name, res in results.items():
+            cells = [(f"{c['mean']:.3f}" + (f" ({c['strict']:.3f})" if "strict" in c else "")) if c else ""
+                     for c in (res[t].get("tags", {}).get(tag) for tag in tags)]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -360,7 +391,7 @@ def main(argv=None):
             continue
         records = sorted((r for p in parts for r in p[0]), key=lambda r: (tasks.index(r[0]), r[1]))
         shown = {i: im for p in parts for i, im in p[1].items()}
-        results[name] = summarise(records, plan)
+        results[name] = summarise(records, plan, rows)
         by_key = {(r[0], r[1]): r for r in records}
         for t in tasks:
             grids[t][name] = [(shown[i], by_key[(t, i)][2]) for i in grid_rows[t]]
@@ -369,6 +400,8 @@ def main(argv=None):
             d = {"checkpoint": name, "task": task, "prompt": row["prompt"], "seed": row["seed"], "score": s}
             if row["task"] != task:
                 d["prompt_task"] = row["task"]
+            if tag_of(row) is not None:
+                d["tag"] = tag_of(row)
             if "strict" in info:
                 d["strict"] = bool(info["strict"])
             d["info"] = {k: v for k, v in info.items() if k != "strict"}

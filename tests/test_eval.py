@@ -179,3 +179,22 @@ def test_runs_over_seeds_are_summarised_as_mean_and_range():
     table = evaluation.results_table(res, cfg, {"count": 2, "text": 2})
     assert "| opd (2 seeds) | 0.300 [0.200-0.400] | 0.500 [0.400-0.600] | 0.400 [0.400-0.400] |" in table
     assert "base (" not in table
+
+
+def test_scores_per_prompt_tag():
+    """A task whose prompts carry several tags is also summarised per tag (GenEval-style); a task
+    scoring other tasks' images (pickscore) and a one-tag task are not."""
+    rows = [{"task": "count", "metadata": {"tag": tag}} for tag in ("single", "single", "position")] + \
+           [{"task": "text", "metadata": {"tag": "text"}}]
+    plan = {"count": [0, 1, 2], "text": [3], "pickscore": [0, 1, 2, 3]}
+    records = [("count", 0, 1.0, {"strict": True}), ("count", 1, 0.5, {"strict": False}),
+               ("count", 2, 0.1, {"strict": False}), ("text", 3, 0.3, {"strict": False}),
+               *[("pickscore", i, 0.8, {}) for i in range(4)]]
+    res = evaluation.summarise(records, plan, rows)
+    assert res["count"]["tags"] == {"single": {"mean": 0.75, "strict": 0.5, "n": 2},
+                                    "position": {"mean": 0.1, "strict": 0.0, "n": 1}}
+    assert abs(res["count"]["mean"] - 1.6 / 3) < 1e-9 and "tags" not in res["text"] and "tags" not in res["pickscore"]
+    cfg = dict(model="m", eval_steps=20, guidance=4.5, resolution=32, seed=0, split="test")
+    table = evaluation.results_table({"base": res}, cfg, {"count": 3, "text": 1, "pickscore": 4})
+    assert "| checkpoint | single (2) | position (1) |" in table
+    assert "| base | 0.750 (0.500) | 0.100 (0.000) |" in table
