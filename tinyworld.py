@@ -46,6 +46,7 @@ assets/tiny/base_grid.png (64 test samples).
 import argparse
 import itertools
 import json
+import os
 import re
 import time
 import zlib
@@ -809,7 +810,8 @@ def main():
     parser.add_argument("--snapshots", default="", help="also save and score the EMA weights after these "
                         "steps (comma-separated), to {out}_stepN; each equals a run with --steps N")
     args = parser.parse_args()
-    torch.set_num_threads(2)  # the budget the base is sized for: 2 CPU cores
+    # the budget the base is sized for is 2 CPU cores; OMP_NUM_THREADS=1 lets two runs share them
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
     snapshots = sorted(int(n) for n in args.snapshots.split(",") if n)
     out = Path(args.out)
     rows = sum(len(prompt_set(t, "train")) for t in TASKS)

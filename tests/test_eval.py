@@ -198,3 +198,20 @@ def test_scores_per_prompt_tag():
     table = evaluation.results_table({"base": res}, cfg, {"count": 3, "text": 1, "pickscore": 4})
     assert "| checkpoint | single (2) | position (1) |" in table
     assert "| base | 0.750 (0.500) | 0.100 (0.000) |" in table
+
+
+def test_readme_per_tag_command_on_shipped_checkpoints(tmp_path):
+    """The README's per-tag `count` command, as written there, with 2 ODE steps instead of 20."""
+    import re
+    import shlex
+    text = (REPO / "README.md").read_text()
+    line = re.search(r"^ +(python eval\.py --preset tiny --ckpt base --ckpt count=assets/tiny/count .*?--out runs/tags)$",
+                     text.replace("\\\n", " "), re.M).group(1)
+    args = shlex.split(line)[2:]
+    args[args.index("--out") + 1] = str(tmp_path / "tags")
+    evaluation.main(args + ["--eval_steps", "2", "--batch_size", "64"])
+    results = json.loads((tmp_path / "tags" / "results.json").read_text())
+    assert list(results) == ["base", "count", "text", "clean", "merge"]
+    assert all(set(r["count"]["tags"]) == {"single", "counting", "two_object", "position"} for r in results.values())
+    assert "| checkpoint | single (8) | counting (16) | two_object (20) | position (20) |" in \
+        (tmp_path / "tags" / "results.md").read_text()
