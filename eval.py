@@ -278,7 +278,8 @@ def results_table(results, cfg, n_rows):
         tags = list(dict.fromkeys(tag for r in results.values() for tag in r[t].get("tags", {})))
         if not tags:
             continue
-        n = {tag: next(r[t]["tags"][tag]["n"] for r in results.values() if tag in r[t].get("tags", {})) for tag in tags}
+        n = {tag: next(r[t]["tags"][tag]["n"] for r in results.values() if tag in r[t].get("tags", {}))
+             for tag in tags}
         lines += [f"`{t}` per prompt tag (mean, strict pass rate in parentheses):", "",
                   "| checkpoint | " + " | ".join(f"{tag} ({n[tag]})" for tag in tags) + " |",
                   "| --- | " + " | ".join("---:" for _ in tags) + " |"]
