@@ -221,8 +221,9 @@ def summarise(records, plan, rows):
         out[task] = _stats(mine)
         tags = {}
         for r in mine:
-            if rows[r[1]]["task"] == task and tag_of(rows[r[1]]) is not None:
-                tags.setdefault(tag_of(rows[r[1]]), []).append(r)
+            tag = tag_of(rows[r[1]])
+            if rows[r[1]]["task"] == task and tag is not None:
+                tags.setdefault(tag, []).append(r)
         if len(tags) > 1:
             out[task]["tags"] = {t: _stats(rs) for t, rs in tags.items()}
     return out
@@ -401,8 +402,8 @@ def main(argv=None):
             d = {"checkpoint": name, "task": task, "prompt": row["prompt"], "seed": row["seed"], "score": s}
             if row["task"] != task:
                 d["prompt_task"] = row["task"]
-            if tag_of(row) is not None:
-                d["tag"] = tag_of(row)
+            if (tag := tag_of(row)) is not None:
+                d["tag"] = tag
             if "strict" in info:
                 d["strict"] = bool(info["strict"])
             d["info"] = {k: v for k, v in info.items() if k != "strict"}

@@ -1,6 +1,8 @@
 """eval.py: deterministic and cached, the same numbers under torchrun, grids, start-up errors."""
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -202,8 +204,6 @@ def test_scores_per_prompt_tag():
 
 def test_readme_per_tag_command_on_shipped_checkpoints(tmp_path):
     """The README's per-tag `count` command, as written there, with 2 ODE steps instead of 20."""
-    import re
-    import shlex
     text = (REPO / "README.md").read_text()
     line = re.search(r"^ +(python eval\.py --preset tiny --ckpt base --ckpt count=assets/tiny/count .*?--out runs/tags)$",
                      text.replace("\\\n", " "), re.M).group(1)
