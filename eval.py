@@ -14,7 +14,9 @@ checked before any sampling, so a bad path stops the run at once, named.
 Each task's prompts (its built-in test split, or --prompts TASK=FILE) are sampled with the ODE
 (noise_level 0) from fixed per-prompt noise: the i-th prompt of a task starts from seed
 `seed + i`, so every checkpoint sees the same noise and a --num_prompts run is a prefix of the
-full one. A task without prompts of its own (pickscore) scores the images of all other tasks.
+full one. With --images_per_prompt k (GenEval's protocol samples 4), its j-th image starts from
+`seed + i + SEED_STRIDE * j`, so a run with more images per prompt extends one with fewer. A
+task without prompts of its own (pickscore) scores the images of all other tasks.
 Prompts are sharded over ranks and every forward pass has the same batch shape (the last batch
 is padded), so an image does not depend on the number of ranks, bit for bit.
 
@@ -55,6 +57,7 @@ DEFAULTS = dict(
     prompts=[],                      # TASK=FILE: a prompt file (prompts.py formats) instead of the built-in set
     split="test",
     num_prompts=0,                   # prompts per task, the first N of the set; 0: all
+    images_per_prompt=1,             # samples per prompt, each from its own noise (GenEval's protocol: 4)
     out="runs/eval",
     cache_dir="",                    # generated images, by content key; empty: OUT/cache
     resolution=512,
@@ -69,8 +72,12 @@ PRESETS = {
     "tiny": dict(resolution=tinyworld.SAMPLING["resolution"], t5_tokens=tinyworld.SAMPLING["t5_tokens"],
                  eval_steps=tinyworld.SAMPLING["eval_steps"],
                  guidance=tinyworld.SAMPLING["guidance"], tasks=",".join(tinyworld.TASKS), batch_size=tinyworld.EVAL_BATCH,
-                 grid_prompts=8),
+                 grid_prompts=8,
+                 # one image for each of the 64 count prompts: the base's mean moved by 0.09
+                 # between noise seeds, over half the +0.15 a teacher is asked to gain
+                 images_per_prompt=4),
 }
+SEED_STRIDE = 1_000_000  # image j of a prompt starts from the noise seed of image 0 + SEED_STRIDE * j
 CACHE_VERSION = 1     # bump when the sampler's numerics change, to orphan the old cache
 CELL_MIN = 256        # grid cells are scaled up (nearest) to at least this many pixels
 HEADER_H = 16         # grid: strip with the checkpoint names
@@ -126,16 +133,17 @@ def cache_key(model_id, ckpt_id, row, settings):
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def eval_rows(tasks, split, num_prompts, files, seed):
-    """The rows to sample (the tasks that have prompts, in order, each cut to num_prompts; the
-    i-th of a task gets seed + i) and, per task, the indices of the rows its reward scores."""
+def eval_rows(tasks, split, num_prompts, files, seed, images_per_prompt=1):
+    """The rows to sample, one per image (the tasks that have prompts, in order, each cut to
+    num_prompts; image j of the i-th prompt gets seed + i + SEED_STRIDE * j, all prompts' image 0
+    first) and, per task, the indices of the rows its reward scores."""
     rows, plan = [], {}
     own = [t for t in tasks if t in files or t in BUILTIN or t in TINY_TASKS]
     for task in own:
-        part = load_prompts(task, split, files.get(task))
-        part = part[:num_prompts] if num_prompts else part
-        for i, row in enumerate(part):
-            row["seed"] = seed + i
+        prompts = load_prompts(task, split, files.get(task))
+        prompts = prompts[:num_prompts] if num_prompts else prompts
+        part = [{**row, "seed": seed + i + SEED_STRIDE * j}
+                for j in range(images_per_prompt) for i, row in enumerate(prompts)]
         plan[task] = list(range(len(rows), len(rows) + len(part)))
         rows += part
     for task in tasks:
@@ -244,13 +252,16 @@ def seed_groups(names):
 
 
 def results_table(results, cfg, n_rows):
-    """Markdown: one row per checkpoint, one column per task and the average of the task means."""
+    """Markdown: one row per checkpoint, one column per task and the average of the task means.
+    n_rows: {task: prompts}."""
     tasks = list(next(iter(results.values())))
+    k = cfg.get("images_per_prompt", 1)
+    images = (f"; {k} images per prompt, the j-th from seed + i + {SEED_STRIDE:,} j" if k > 1 else "")
     shown = {t: [f"{r[t]['mean']:.3f}" for r in results.values()] for t in tasks}
     best = {t: max(v, key=float) if len(set(v)) > 1 else None for t, v in shown.items()}
     lines = [f"# Eval: {cfg['model']}", "",
              f"ODE, {cfg['eval_steps']} steps, guidance {cfg['guidance']}, {cfg['resolution']} px, "
-             f"the i-th prompt of a task from seed {cfg['seed']} + i for every checkpoint; {cfg['split']} prompts: "
+             f"the i-th prompt of a task from seed {cfg['seed']} + i for every checkpoint{images}; {cfg['split']} prompts: "
              + ", ".join(f"{t} {n}" for t, n in n_rows.items()), "",
              "| checkpoint | " + " | ".join(tasks) + " | average |",
              "| --- | " + " | ".join("---:" for _ in tasks) + " | ---: |"]
@@ -279,7 +290,7 @@ def results_table(results, cfg, n_rows):
         tags = list(dict.fromkeys(tag for r in results.values() for tag in r[t].get("tags", {})))
         if not tags:
             continue
-        n = {tag: next(r[t]["tags"][tag]["n"] for r in results.values() if tag in r[t].get("tags", {}))
+        n = {tag: next(r[t]["tags"][tag]["n"] for r in results.values() if tag in r[t].get("tags", {})) // k
              for tag in tags}
         lines += [f"`{t}` per prompt tag (mean, strict pass rate in parentheses):", "",
                   "| checkpoint | " + " | ".join(f"{tag} ({n[tag]})" for tag in tags) + " |",
@@ -335,7 +346,9 @@ def main(argv=None):
         for t in tasks:
             get_reward(t)
         files = common.parse_prompt_files(cfg["prompts"], tasks)
-        rows, plan = eval_rows(tasks, cfg["split"], cfg["num_prompts"], files, cfg["seed"])
+        if cfg["images_per_prompt"] < 1:
+            raise ValueError(f"--images_per_prompt must be at least 1, got {cfg['images_per_prompt']}")
+        rows, plan = eval_rows(tasks, cfg["split"], cfg["num_prompts"], files, cfg["seed"], cfg["images_per_prompt"])
         ckpts = parse_checkpoints(cfg["ckpt"])
         fingerprints = {}
         for name, source in ckpts.items():
@@ -374,11 +387,13 @@ def main(argv=None):
         encode(policy, sorted({r["prompt"] for r in rows}))
     grid_rows = {t: idx[: cfg["grid_prompts"]] for t, idx in plan.items()}
     show = set(i for idx in grid_rows.values() for i in idx)
+    k = cfg["images_per_prompt"]
     if master:
         out.mkdir(parents=True, exist_ok=True)
         cached = len(ckpts) * len(rows) - missing
-        print(f"{len(ckpts)} checkpoint(s) [{', '.join(ckpts)}] x {len(rows)} prompts ("
-              + ", ".join(f"{t} {len(plan[t])}" for t in tasks) + f") = {len(ckpts) * len(rows)} images, "
+        print(f"{len(ckpts)} checkpoint(s) [{', '.join(ckpts)}] x {len(rows)} images ("
+              + ", ".join(f"{t} {len(plan[t]) // k} prompts" for t in tasks) + f", {k} image(s) each) = "
+              f"{len(ckpts) * len(rows)} images, "
               f"{cached} already in {cache}; the rest in batches of {cfg['batch_size']} per rank over {world} "
               f"rank(s); {cfg['eval_steps']} ODE steps, guidance {cfg['guidance']}, {policy.resolution} px")
         common.write_json(out / "config.json", {**cfg, "fingerprints": fingerprints, "model_fingerprint": model_id})
@@ -415,7 +430,7 @@ def main(argv=None):
 
     if master:
         common.write_json(out / "results.json", results)
-        table = results_table(results, cfg, {t: len(plan[t]) for t in tasks})
+        table = results_table(results, cfg, {t: len(plan[t]) // k for t in tasks})
         (out / "results.md").write_text(table)
         with open(out / "details.jsonl", "w") as f:
             for d in details:

@@ -121,6 +121,28 @@ def test_another_reward_rescores_cached_images(first_run, tiny_pipe_dir, lora_di
     assert "| checkpoint | count | text | clean | gray | average |" in (out / "results.md").read_text()
 
 
+def test_images_per_prompt_extends_one_image_per_prompt(first_run, tiny_pipe_dir, tmp_path, capsys):
+    """k images per prompt, each from its own noise; image 0 is the one-image run's, from the cache."""
+    out = tmp_path / "k2"
+    evaluation.main(_args(tiny_pipe_dir, out, "base", images_per_prompt=2, cache_dir=first_run[0] / "cache"))
+    assert "base: generated 9 images, 9 from the cache" in capsys.readouterr().out
+    results, details = _outputs(out)
+    rows = [json.loads(line) for line in details]
+    count = [r for r in rows if r["task"] == "count"]
+    stride = evaluation.SEED_STRIDE
+    assert [r["seed"] for r in count] == [0, 1, 2, stride, stride + 1, stride + 2]
+    assert [r["prompt"] for r in count[:3]] == [r["prompt"] for r in count[3:]]
+    assert count[:3] == [json.loads(x) for x in first_run[2] if json.loads(x)["task"] == "count"][:3]
+    for t in TASKS:
+        mine = [r["score"] for r in rows if r["task"] == t]
+        assert results["base"][t]["n"] == 2 * NUM_PROMPTS
+        assert results["base"][t]["mean"] == pytest.approx(sum(mine) / len(mine))
+    table = (out / "results.md").read_text()
+    assert f"2 images per prompt, the j-th from seed + i + {stride:,} j" in table and "count 3, text 3" in table
+    with pytest.raises(SystemExit, match="--images_per_prompt must be at least 1"):
+        evaluation.main(_args(tiny_pipe_dir, tmp_path / "x", "base", images_per_prompt=0))
+
+
 @pytest.mark.parametrize("ckpt,message", [
     ("student=/no/such/lora", r"--ckpt student: /no/such/lora: LoRA checkpoint not found"),
     ("base=/x", "the name 'base' is reserved"),
@@ -202,16 +224,21 @@ def test_scores_per_prompt_tag():
     assert "| base | 0.750 (0.500) | 0.100 (0.000) |" in table
 
 
-def test_readme_per_tag_command_on_shipped_checkpoints(tmp_path):
-    """The README's per-tag `count` command, as written there, with 2 ODE steps instead of 20."""
+def test_readme_teachers_command_on_shipped_checkpoints(tmp_path):
+    """The README's stage-1 table command, as written there, with 2 ODE steps instead of 20: every
+    shipped teacher, GRPO-Mix and the merge on every task, 4 images per test prompt (the tiny
+    preset), and the count table per prompt tag."""
     text = (REPO / "README.md").read_text()
-    line = re.search(r"^ +(python eval\.py --preset tiny --ckpt base --ckpt count=assets/tiny/count .*?--out runs/tags)$",
+    line = re.search(r"^ +(python eval\.py --preset tiny --ckpt base --ckpt count=assets/tiny/count .*?--out runs/teachers)$",
                      text.replace("\\\n", " "), re.M).group(1)
     args = shlex.split(line)[2:]
-    args[args.index("--out") + 1] = str(tmp_path / "tags")
+    args[args.index("--out") + 1] = str(tmp_path / "teachers")
     evaluation.main(args + ["--eval_steps", "2", "--batch_size", "64"])
-    results = json.loads((tmp_path / "tags" / "results.json").read_text())
-    assert list(results) == ["base", "count", "text", "clean", "merge"]
+    results = json.loads((tmp_path / "teachers" / "results.json").read_text())
+    assert list(results) == ["base", "count", "text", "clean", "grpo_mix", "merge"]
+    assert all(set(r) == {"count", "text", "clean"} for r in results.values())
+    assert all(r["count"]["n"] == 4 * 64 and r["clean"]["n"] == 4 * 32 for r in results.values())
     assert all(set(r["count"]["tags"]) == {"single", "counting", "two_object", "position"} for r in results.values())
-    assert "| checkpoint | single (8) | counting (16) | two_object (20) | position (20) |" in \
-        (tmp_path / "tags" / "results.md").read_text()
+    table = (tmp_path / "teachers" / "results.md").read_text()
+    assert "4 images per prompt" in table and "count 64, text 64, clean 32" in table
+    assert "| checkpoint | single (8) | counting (16) | two_object (20) | position (20) |" in table
