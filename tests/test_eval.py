@@ -242,3 +242,11 @@ def test_readme_teachers_command_on_shipped_checkpoints(tmp_path):
     table = (tmp_path / "teachers" / "results.md").read_text()
     assert "count 64, text 64, clean 32" in table
     assert "| checkpoint | single (8) | counting (16) | two_object (20) | position (20) |" in table
+
+
+def test_shipped_checkpoints_name_no_machine_paths():
+    """A shipped run's config must load on any clone: its base is named relative to the repo."""
+    for cfg in sorted((REPO / "assets" / "tiny").glob("*/config.json")):
+        model = json.loads(cfg.read_text()).get("model")
+        if model is not None:
+            assert not Path(model).is_absolute(), f"{cfg.relative_to(REPO)}: model {model!r}"
