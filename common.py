@@ -359,41 +359,71 @@ def image_grid(images, cols, captions=None, scale=1):
 # -----------------------------------------------------------------------------
 # evaluation: ODE samples of test prompts, every task's reward, sharded over ranks
 
+SEED_STRIDE = 1_000_000  # image j of a prompt starts from the noise seed of its image 0 + SEED_STRIDE * j
+
+
 @torch.no_grad()
-def evaluate(policy, rows, num_steps, guidance, batch_size, seed=0, adapter=None):
-    """Score rows (dicts with prompt/task/metadata) by their own task's reward. Each prompt gets
-    a fixed seed (seed + its index), so runs and checkpoints see the same noise; rows are
-    sharded over ranks and gathered. Returns ({task: {"mean", "strict", "n"}}, images, details),
-    images and details in row order."""
+def evaluate(policy, rows, num_steps, guidance, batch_size, seed=0, adapter=None, images_per_prompt=1):
+    """Score rows (dicts with prompt/task/metadata) by their own task's reward. Image j of row i
+    starts from the fixed seed `seed + i + SEED_STRIDE * j`, so runs and checkpoints see the same
+    noise; images are sharded over ranks and gathered. Returns ({task: {"mean", "strict", "n",
+    "se"}}, images, details): n counts images, se is the standard error of the mean over prompts
+    (each prompt's images averaged first); images and details in (image j, row i) order, and
+    every detail carries its row index."""
     from rewards import get_reward
     from sde_sampler import decode, initial_noise, rollout
+    jobs = [(i, seed + i + SEED_STRIDE * j) for j in range(images_per_prompt) for i in range(len(rows))]
     rank = dist.get_rank() if dist.is_initialized() else 0
-    mine = list(range(rank, len(rows), world()))
+    mine = list(range(rank, len(jobs), world()))
     results = []
-    for i in range(0, len(mine), batch_size):
-        idx = mine[i:i + batch_size]
-        batch = [rows[j] for j in idx]
-        x0 = initial_noise(policy, [seed + j for j in idx])
+    for k in range(0, len(mine), batch_size):
+        idx = mine[k:k + batch_size]
+        batch = [rows[jobs[n][0]] for n in idx]
+        x0 = initial_noise(policy, [jobs[n][1] for n in idx])
         out = rollout(policy, [r["prompt"] for r in batch], num_steps, guidance, 0.0, latents=x0,
                       adapter=adapter)
         images = decode(policy, out["latents"])
         for task in dict.fromkeys(r["task"] for r in batch):
-            k = [n for n, r in enumerate(batch) if r["task"] == task]
-            scores, info = get_reward(task)([images[n] for n in k], [batch[n]["prompt"] for n in k],
-                                            [batch[n]["metadata"] for n in k])
-            for n, s, inf in zip(k, scores.tolist(), info):
+            sel = [n for n, r in enumerate(batch) if r["task"] == task]
+            scores, info = get_reward(task)([images[n] for n in sel], [batch[n]["prompt"] for n in sel],
+                                            [batch[n]["metadata"] for n in sel])
+            for n, s, inf in zip(sel, scores.tolist(), info):
                 results.append((idx[n], s, inf, images[n]))
     gathered = sorted((r for part in all_gather_objects(results) for r in part), key=lambda r: r[0])
+    details = [{"row": jobs[g[0]][0], "prompt": rows[jobs[g[0]][0]]["prompt"], "task": rows[jobs[g[0]][0]]["task"],
+                "seed": jobs[g[0]][1], "score": g[1], **{k: v for k, v in g[2].items() if _jsonable(v)}}
+               for g in gathered]
     summary = {}
     for task in dict.fromkeys(r["task"] for r in rows):
-        mine_t = [g for g in gathered if rows[g[0]]["task"] == task]
-        strict = [bool(g[2]["strict"]) for g in mine_t if "strict" in g[2]]
-        summary[task] = {"mean": sum(g[1] for g in mine_t) / len(mine_t), "n": len(mine_t)}
+        mine_t = [(d, g) for d, g in zip(details, gathered) if d["task"] == task]
+        strict = [bool(g[2]["strict"]) for _, g in mine_t if "strict" in g[2]]
+        per_prompt = torch.tensor(list(prompt_means([d for d, _ in mine_t]).values()))
+        summary[task] = {"mean": sum(d["score"] for d, _ in mine_t) / len(mine_t), "n": len(mine_t),
+                         "se": standard_error(per_prompt)}
         if strict:
             summary[task]["strict"] = sum(strict) / len(strict)
-    details = [{"prompt": rows[g[0]]["prompt"], "task": rows[g[0]]["task"], "seed": seed + g[0],
-                "score": g[1], **{k: v for k, v in g[2].items() if _jsonable(v)}} for g in gathered]
     return summary, [g[3] for g in gathered], details
+
+
+def prompt_means(details):
+    """{row index: mean score of its images} from evaluate's details."""
+    scores = {}
+    for d in details:
+        scores.setdefault(d["row"], []).append(d["score"])
+    return {i: sum(v) / len(v) for i, v in sorted(scores.items())}
+
+
+def standard_error(values):
+    """The standard error of the mean of a 1-D tensor (0 for fewer than two values)."""
+    return (values.std() / len(values) ** 0.5).item() if len(values) > 1 else 0.0
+
+
+def paired_change(now, ref):
+    """The change of a task's mean between two evals of the same prompts and seeds, with its
+    standard error over prompts: (mean of d_i, se of d_i), d_i = now_i - ref_i. The same noise
+    makes the two evals' image noise largely cancel, so this se is what a change is judged by."""
+    d = torch.tensor([now[i] - ref[i] for i in now if i in ref])
+    return (d.mean().item(), standard_error(d)) if len(d) else (0.0, 0.0)
 
 
 def _jsonable(v):
@@ -406,18 +436,38 @@ def _jsonable(v):
 
 def eval_and_log(policy, ema, params, rows, cfg, out, step):
     """The periodic eval of a training run: EMA weights, ODE samples of every task's test
-    prompts, each task's score into metrics.jsonl and a grid (8 images per task) into samples/."""
+    prompts (eval_images each), each task's score with its standard error into metrics.jsonl,
+    and its change since the run's first eval (same prompts, same noise) with the standard
+    error of that change; per-prompt scores into samples/scores_step_N.json, a grid (8 images
+    per task) into samples/."""
     from tqdm import tqdm
     with ema_weights(ema, params):
-        summary, images, _ = evaluate(policy, rows, cfg["eval_steps"], cfg["guidance"], cfg["batch_size"],
-                                      seed=cfg["seed"])
+        summary, images, details = evaluate(policy, rows, cfg["eval_steps"], cfg["guidance"], cfg["batch_size"],
+                                            seed=cfg["seed"], images_per_prompt=cfg.get("eval_images", 1))
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
+        samples = Path(out) / "samples"
+        samples.mkdir(exist_ok=True)
+        scores = {t: prompt_means([d for d in details if d["task"] == t]) for t in summary}
+        first = sorted(samples.glob("scores_step_*.json"))
+        write_json(samples / f"scores_step_{step:06d}.json", scores)
+        ref_step = int(first[0].stem.rpartition("_")[2]) if first else step
+        ref = json.loads(first[0].read_text()) if first else None
+        text = []
+        for t, s in summary.items():
+            line = f"{t} {s['mean']:.3f} +-{s['se']:.3f}"
+            if ref is not None and t in ref and ref_step != step:
+                s["change"], s["change_se"] = paired_change(scores[t], {int(i): v for i, v in ref[t].items()})
+                s["since_step"] = ref_step
+                line += f" (change {s['change']:+.3f} +-{s['change_se']:.3f})"
+            text.append(line)
         log_metrics(out, {"step": step, "eval": summary})
         tasks = list(summary)
-        grid = [im for t in tasks for im in [im for im, r in zip(images, rows) if r["task"] == t][:8]]
-        (Path(out) / "samples").mkdir(exist_ok=True)
+        first_images = images[:len(rows)]  # every row's image 0
+        grid = [im for t in tasks for im in [im for im, r in zip(first_images, rows) if r["task"] == t][:8]]
         image_grid(grid, cols=8, captions=tasks, scale=max(1, 64 // images[0].size[0])).save(
-            Path(out) / "samples" / f"step_{step:06d}.png")
-        tqdm.write(f"eval step {step}: " + ", ".join(f"{t} {s['mean']:.3f}" for t, s in summary.items()))
+            samples / f"step_{step:06d}.png")
+        tqdm.write(f"eval step {step}: " + ", ".join(text)
+                   + (f"; changes since step {ref_step}, same prompts and noise" if ref_step != step else "")
+                   + " (+- one standard error over prompts)")
     return summary

@@ -46,6 +46,7 @@ import common
 import tinyworld
 from prompts import BUILTIN, TINY_TASKS, load_prompts
 from rewards import get_reward, set_device
+from common import SEED_STRIDE
 from sde_sampler import BASE, decode, encode, initial_noise, load_adapter, load_policy, read_lora, resolve_model, rollout
 
 # -----------------------------------------------------------------------------
@@ -77,7 +78,6 @@ PRESETS = {
                  # between noise seeds, over half the +0.15 a teacher is asked to gain
                  images_per_prompt=4),
 }
-SEED_STRIDE = 1_000_000  # image j of a prompt starts from the noise seed of image 0 + SEED_STRIDE * j
 CACHE_VERSION = 1     # bump when the sampler's numerics change, to orphan the old cache
 CELL_MIN = 256        # grid cells are scaled up (nearest) to at least this many pixels
 HEADER_H = 16         # grid: strip with the checkpoint names

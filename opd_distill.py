@@ -61,7 +61,7 @@ DEFAULTS = dict(
     loss="pathwise",           # pathwise | pg | both
     gamma=0.0,                 # pg only: discount of the returns-to-go (0: each step its own KL)
     clip_range=1e-4,           # pg only: PPO clip of the per-step ratio
-    kl_weighting="flowgrpo",   # flowgrpo (authors' normalisation) | exact (the true KL)
+    kl_weighting="flowgrpo",   # flowgrpo (authors' normalisation) | exact (the true KL) | velocity (steps alike)
     beta_mar=0.04,             # weight of the anchor KL
     routing="mixed",           # mixed: every batch mixes tasks | alternate: one task per epoch, in turn
     epochs_per_task="",        # alternate routing: "ocr=1,geneval=3" (default 1 each)
@@ -75,6 +75,7 @@ DEFAULTS = dict(
     eval_every=50,
     eval_tasks="",             # empty: the teachers' tasks
     eval_prompts=64,
+    eval_images=1,             # images per eval prompt, each from its own noise (the tiny preset: 4)
     save_every=50,
     seed=0,
 )
@@ -91,10 +92,14 @@ PRESETS = {
 # -----------------------------------------------------------------------------
 # the OPD maths: per-step KLs on fixed rollout states, and the policy-gradient variant
 
-def kl_scale(sigma, sigma_next, dims, weighting):
-    """log-probs are per-dimension means; this turns a per-dim log-ratio into the units of
-    transition_kl (exact: summed over dims; flowgrpo: mean over dims times |dt|)."""
-    return torch.full_like(sigma, float(dims)) if weighting == "exact" else sigma - sigma_next
+def kl_scale(sigma, sigma_next, dims, noise_level, weighting):
+    """log-probs are per-dimension means, whose expected log-ratio is the exact KL / dims; this
+    turns one into the units of transition_kl's weighting (exact: dims; flowgrpo: |dt|; velocity:
+    dims over the step's time weight), read off the KL of a unit velocity difference."""
+    unit, zero = torch.ones(len(sigma), dims), torch.zeros(len(sigma), dims)
+    ratio = (transition_kl(unit, zero, sigma, sigma_next, noise_level, weighting)
+             / transition_kl(unit, zero, sigma, sigma_next, noise_level, "exact"))
+    return ratio * dims
 
 
 def returns_to_go(rewards, gamma):
@@ -140,7 +145,7 @@ def pg_batch_advantages(traj, v_teacher, sigmas, trained_steps, cfg):
                                        cfg["noise_level"], prev_sample=traj["next_states"][:, j])[1]
                               for j in range(trained_steps)], 1)
     dims = traj["states"][0, 0].numel()
-    scales = kl_scale(s, s_next, dims, cfg["kl_weighting"]).to(lp_teacher)
+    scales = kl_scale(s, s_next, dims, cfg["noise_level"], cfg["kl_weighting"]).to(lp_teacher)
     return pg_advantages(traj["log_probs"][:, :trained_steps], lp_teacher, scales, cfg["gamma"]) * dims
 
 

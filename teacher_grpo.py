@@ -65,6 +65,7 @@ DEFAULTS = dict(
     eval_every=50,            # 0 disables periodic eval
     eval_tasks="ocr,geneval", # every task is scored at eval, not only the trained one (the seesaw)
     eval_prompts=64,          # test prompts per task at eval, evenly spaced over the set
+    eval_images=1,            # images per eval prompt, each from its own noise
     save_every=50,
     seed=0,
 )

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import opd_distill
-from opd_distill import opd_loss, pg_batch_advantages, returns_to_go, task_schedule
+from opd_distill import kl_scale, opd_loss, pg_batch_advantages, returns_to_go, task_schedule
 from sde_sampler import (add_student, build_tiny_pipeline, encode, load_adapter, load_policy, rollout,
                          save_adapter, sde_step, transition_kl, using_adapter, velocity)
 
@@ -41,6 +41,25 @@ def test_returns_to_go_and_schedule():
     sizes = {"ocr": 16, "geneval": 16}
     seq = [task_schedule(s, sizes, 8, {"ocr": 1, "geneval": 3}) for s in range(16)]
     assert seq == ["ocr"] * 2 + ["geneval"] * 6 + ["ocr"] * 2 + ["geneval"] * 6
+
+
+@pytest.mark.parametrize("weighting", ["exact", "flowgrpo", "velocity"])
+def test_pg_reward_is_the_kl_in_each_weightings_units(weighting):
+    """kl_scale turns the sampled per-dim log-ratio into transition_kl's units: its mean over
+    many actions is the KL of that weighting, at an early and a late step (a control: the
+    unscaled log-ratio is not, except where the weighting's scale is 1)."""
+    torch.manual_seed(0)
+    x, v_s, v_t = torch.randn(3, 1, 3, 4, 4).unbind(0)
+    n, dims = 40000, x[0].numel()
+    for s, s_next in [(1.0, 0.96), (0.46, 0.28)]:
+        xs, vs, vt = (a.expand(n, -1, -1, -1) for a in (x, v_s, v_t))
+        nxt, lp_s, _, _ = sde_step(vs, xs, s, s_next, 0.7, generator=torch.Generator().manual_seed(1))
+        _, lp_t, _, _ = sde_step(vt, xs, s, s_next, 0.7, prev_sample=nxt)
+        scale = kl_scale(torch.tensor([s]), torch.tensor([s_next]), dims, 0.7, weighting)
+        kl = transition_kl(v_s, v_t, s, s_next, 0.7, weighting).item()
+        assert abs(((lp_s - lp_t) * scale).mean().item() - kl) < 0.05 * kl
+        if abs(scale.item() - 1) > 0.5:
+            assert abs((lp_s - lp_t).mean().item() - kl) > 0.3 * kl
 
 
 def test_pathwise_is_the_literal_kl_and_pg_is_unbiased_for_it(policy, tmp_path):
@@ -129,6 +148,36 @@ def test_two_teachers_logging_and_resume(tiny_pipe_dir, tmp_path):
     opd_distill.main(_args(tiny_pipe_dir, tmp_path / "a", teachers, **{**run, "max_steps": 10}) + ["--resume"])
     steps = [json.loads(line)["step"] for line in open(tmp_path / "a" / "metrics.jsonl")]
     assert steps == list(range(1, 11))  # continued at step 9, not 1
+
+
+def test_periodic_eval_reports_its_noise_and_the_change_since_step_0(tiny_pipe_dir, tmp_path, capsys):
+    """eval_images per prompt, a standard error beside each score, and from the second eval on
+    the paired change since the first (same prompts and noise) with its own standard error."""
+    pol = load_policy(str(tiny_pipe_dir), device="cpu")
+    _lora(pol, tmp_path / "count", seed=5, std=0.1)
+    out = tmp_path / "ev"
+    opd_distill.main(_args(tiny_pipe_dir, out, [f"count={tmp_path / 'count'}"], max_steps=1, eval_every=1,
+                           eval_images=2, eval_prompts=3, lr=1e-2))
+    evals = [r for r in map(json.loads, open(out / "metrics.jsonl")) if "eval" in r]
+    assert [r["step"] for r in evals] == [0, 1]
+    first, second = evals[0]["eval"]["count"], evals[1]["eval"]["count"]
+    assert first["n"] == 6 and first["se"] > 0 and "change" not in first
+    assert second["since_step"] == 0 and second["change_se"] >= 0
+    ref = json.loads((out / "samples" / "scores_step_000000.json").read_text())["count"]
+    now = json.loads((out / "samples" / "scores_step_000001.json").read_text())["count"]
+    assert len(ref) == 3 and second["change"] == pytest.approx(sum(now[i] - ref[i] for i in ref) / 3)
+    assert "(change " in capsys.readouterr().out
+
+
+def test_paired_change_and_standard_error():
+    from common import paired_change, standard_error
+    ref = {0: 0.2, 1: 0.5, 2: 0.9}
+    assert paired_change(ref, ref) == (0.0, 0.0)
+    change, se = paired_change({0: 0.3, 1: 0.6, 2: 1.0}, ref)
+    assert change == pytest.approx(0.1) and se == pytest.approx(0.0, abs=1e-7)
+    change, se = paired_change({0: 0.4, 1: 0.5, 2: 0.9}, ref)
+    assert change == pytest.approx(0.2 / 3) and se == pytest.approx(standard_error(torch.tensor([0.2, 0.0, 0.0])))
+    assert standard_error(torch.tensor([1.0, 3.0])) == pytest.approx(2 ** 0.5 / 2 ** 0.5)
 
 
 def test_bad_inputs(tiny_pipe_dir, tmp_path):

@@ -82,6 +82,22 @@ def test_flowgrpo_kl_is_exact_times_dt_over_dim():
         transition_kl(v_s, v_t, 0.5, 0.4, 0.7, weighting="bogus")
 
 
+def test_velocity_weighting_weights_every_step_alike():
+    """velocity = the KL divided by its step's time weight: the same velocity error costs the
+    same at every step, where flowgrpo makes the first of SD3's 10 steps ~1000x cheaper."""
+    v_s, v_t = _state(seed=6)
+    steps = [(1.0, 0.96), (0.6, 0.46), (0.28, 0.01)]
+    for s, s_next in steps:
+        vel = transition_kl(v_s, v_t, s, s_next, 0.7, weighting="velocity")
+        torch.testing.assert_close(vel, 0.5 * ((v_s - v_t) ** 2).mean(dim=(1, 2, 3)))
+        unit = transition_kl(torch.ones_like(v_s), torch.zeros_like(v_s), s, s_next, 0.7, weighting="flowgrpo")
+        torch.testing.assert_close(vel, transition_kl(v_s, v_t, s, s_next, 0.7, weighting="flowgrpo") / unit * 0.5)
+    cost = {w: [transition_kl(v_s, v_t, s, n, 0.7, weighting=w)[0].item() for s, n in steps]
+            for w in ("flowgrpo", "velocity")}
+    assert cost["flowgrpo"][2] > 1000 * cost["flowgrpo"][0]
+    assert cost["velocity"][0] == cost["velocity"][2]
+
+
 def test_cfg_and_noise_scale():
     u, c = torch.tensor([1.0]), torch.tensor([3.0])
     assert cfg(u, c, 4.5).item() == 1 + 4.5 * 2
