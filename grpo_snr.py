@@ -25,7 +25,7 @@ import common
 import teacher_grpo
 from prompts import load_prompts, spread
 from rewards import get_reward, set_device
-from sde_sampler import BASE, add_student, decode, encode, load_policy, resolve_model, rollout_batches
+from sde_sampler import add_student, decode, encode, group_advantages, load_policy, resolve_model, rollout_batches
 
 DEFAULTS = dict(teacher_grpo.DEFAULTS, batches=4, probe_prompts=1)
 
@@ -85,11 +85,10 @@ def main(argv=None):
     for k in range(cfg["batches"]):
         gen = common.step_generator(device, cfg["seed"], k, 0)
         policy.transformer.eval()
-        traj = rollout_batches(policy, prompts, cfg["batch_size"], labels={"ref": BASE} if cfg["beta"] else None,
-                               num_steps=cfg["num_steps"], guidance=cfg["guidance"], noise_level=cfg["noise_level"],
+        traj = rollout_batches(policy, prompts, cfg["batch_size"], num_steps=cfg["num_steps"], guidance=cfg["guidance"], noise_level=cfg["noise_level"],
                                generator=gen, sde_steps=trained_steps)
         scores = reward(decode(policy, traj["latents"]), prompts, metadata)[0].float().cpu()
-        adv = teacher_grpo.group_advantages(scores, groups, cfg["global_std"], cfg["adv_clip"])
+        adv = group_advantages(scores, groups, cfg["global_std"], cfg["adv_clip"])
         policy.transformer.train()
         grads.append(gradient(traj, adv.to(device)))
         shuffled = shuffle_within_groups(adv, groups, torch.Generator().manual_seed(cfg["seed"] + k))

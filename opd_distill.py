@@ -8,19 +8,28 @@ Stage 2: multi-teacher on-policy distillation (Flow-OPD) with Manifold Anchor Re
     torchrun --nproc_per_node=8 opd_distill.py --teachers ocr=PATH geneval=PATH --out runs/opd   # SD3.5-M
 
 The student samples its own SDE trajectories. Every prompt carries a task tag and is routed to
-that task's teacher; the teacher's (and the anchor's) guided velocities at the visited states are
-recorded during the rollout, under no_grad, as labels. Training then needs only student forwards:
+that task's teacher. With one optimizer update per rollout the rollout's student is the student
+being trained, and each step's target is known at the state itself, so a step is ONE pass over
+each micro-batch (distill_micro_batch): at every trained SDE step, the routed teachers' and the
+anchor's guided velocities at the current state (no_grad, one forward for all of them), the
+student's guided velocity with gradient at the same state, the step's loss and its backward,
+then the next state sampled from the detached student velocity:
 
     loss = mean over trained steps t of  KL(student(x_t) || teacher_task(x_t))       (--loss pathwise)
            + beta_mar * KL(student(x_t) || anchor(x_t))                               (MAR)
 
 with KL the transition KL of sde_sampler.transition_kl: a time-weighted L2 between velocities.
+This equals rolling out first and re-running the student on the stored states (tested), with
+one student forward per state fewer, and no step after the last trained one is sampled at all.
 No VAE decode and no reward model run during training; they belong to eval.
 
 Why "pathwise": the authors' code builds an advantage -KL(student || teacher) per step but does
 not detach it, so what trains is grad KL. The LLM-style estimator (--loss pg) instead uses the
 sampled action's log-ratio as a detached per-step reward through the clipped surrogate; it has
 the same expected gradient (checked in the tests) and more variance. --loss both adds the two.
+With --gamma 0 each step's reward is known at that step, so pg stays one pass; with --gamma > 0
+the returns-to-go need the later steps' rewards, so the pg term takes a second pass over the
+stored states of the micro-batch (the student is unchanged in between).
 """
 
 import sys
@@ -33,9 +42,8 @@ from tqdm import tqdm
 import common
 from prompts import held_out_note, load_prompts, spread
 from rewards import get_reward, set_device
-from sde_sampler import (BASE, add_student, encode, load_adapter, load_policy, resolve_model, rollout_batches, sde_step,
-                         transition_kl, velocity)
-from teacher_grpo import ppo_loss
+from sde_sampler import (BASE, adapter_velocities, add_student, encode, load_adapter, load_policy, ppo_loss,
+                         resolve_model, sd3_sigmas, sde_step, transition_kl, velocity)
 from tinyworld import SAMPLING as TINY
 
 # -----------------------------------------------------------------------------
@@ -112,22 +120,23 @@ def returns_to_go(rewards, gamma):
     return out
 
 
-def pg_advantages(lp_student, lp_teacher, scales, gamma):
-    """The LLM-style OPD advantage: the sampled action's reward r_t = -(log pi_s - log pi_T)
-    (so E[r_t] = -KL_t, in transition_kl's units), summed forward with gamma, detached. The
-    surrogate uses Flow-GRPO's per-dim-mean ratio, whose gradient is 1/D of the full log-prob's,
-    hence the factor D: the expected gradient then equals the pathwise one."""
-    rewards = -(lp_student - lp_teacher) * scales
-    return returns_to_go(rewards, gamma).detach()
+def pg_reward(log_prob, lp_teacher, sigma, sigma_next, dims, cfg):
+    """The LLM-style OPD reward of the sampled action, r_t = -(log pi_s - log pi_T) in
+    transition_kl's units (so E[r_t] = -KL_t), detached. The surrogate uses Flow-GRPO's
+    per-dim-mean ratio, whose gradient is 1/D of the full log-prob's, hence the factor D: the
+    expected gradient then equals the pathwise one. Shape (B,)."""
+    scale = kl_scale(torch.tensor([sigma]), torch.tensor([sigma_next]), dims, cfg["noise_level"], cfg["kl_weighting"])
+    return (-(log_prob - lp_teacher) * scale.to(log_prob) * dims).detach()
 
 
 def opd_loss(v, x, x_next, sigma, sigma_next, v_teacher, cfg, old_log_prob=None, adv=None, v_anchor=None):
     """The loss of one trained step for a micro-batch, given the student's velocity v (with
-    gradient) at the rollout states x and the recorded labels. Returns (loss, kl, mar) with kl
-    and mar the per-sample KLs to the routed teacher and to the anchor (detached for logging)."""
+    gradient) at the states x and the labels there. The pg surrogate is added when adv (this
+    step's advantages) is given. Returns (loss, kl, mar) with kl and mar the per-sample KLs to
+    the routed teacher and to the anchor (detached for logging)."""
     kl = transition_kl(v, v_teacher, sigma, sigma_next, cfg["noise_level"], cfg["kl_weighting"])
     loss = kl.mean() if cfg["loss"] in ("pathwise", "both") else torch.zeros((), device=v.device)
-    if cfg["loss"] in ("pg", "both"):
+    if adv is not None:
         _, log_prob, _, _ = sde_step(v, x, sigma, sigma_next, cfg["noise_level"], prev_sample=x_next)
         loss = loss + ppo_loss(log_prob, old_log_prob, adv, cfg["clip_range"])[0]
     mar = torch.zeros_like(kl)
@@ -135,18 +144,6 @@ def opd_loss(v, x, x_next, sigma, sigma_next, v_teacher, cfg, old_log_prob=None,
         mar = transition_kl(v, v_anchor, sigma, sigma_next, cfg["noise_level"], cfg["kl_weighting"])
         loss = loss + cfg["beta_mar"] * mar.mean()
     return loss, kl.detach(), mar.detach()
-
-
-def pg_batch_advantages(traj, v_teacher, sigmas, trained_steps, cfg):
-    """pg_advantages for a micro-batch: the teacher's log-prob of each sampled action comes from
-    its recorded velocity (no forward), the student's from the rollout. Shape (B, trained_steps)."""
-    s, s_next = sigmas[:trained_steps], sigmas[1:trained_steps + 1]
-    lp_teacher = torch.stack([sde_step(v_teacher[:, j], traj["states"][:, j], s[j].item(), s_next[j].item(),
-                                       cfg["noise_level"], prev_sample=traj["next_states"][:, j])[1]
-                              for j in range(trained_steps)], 1)
-    dims = traj["states"][0, 0].numel()
-    scales = kl_scale(s, s_next, dims, cfg["noise_level"], cfg["kl_weighting"]).to(lp_teacher)
-    return pg_advantages(traj["log_probs"][:, :trained_steps], lp_teacher, scales, cfg["gamma"]) * dims
 
 
 def task_schedule(step, sizes, prompts_per_step, epochs_per_task):
@@ -159,6 +156,49 @@ def task_schedule(step, sizes, prompts_per_step, epochs_per_task):
             return t
         pos -= n
     raise AssertionError("unreachable")
+
+
+# -----------------------------------------------------------------------------
+# one OPD step on one micro-batch: rollout, routed labels, MAR, loss and backward in one pass
+
+def distill_micro_batch(policy, prompts, routed, anchor, sigmas, trained_steps, generator, cfg, weight):
+    """Sample the student's SDE trajectories of `prompts` over the trained steps and accumulate
+    weight * (the step losses) into the student's .grad, state by state. routed: each prompt's
+    teacher adapter; anchor: the MAR adapter (BASE for the base). Returns the per-sample KLs to
+    the routed teacher and to the anchor, each (B, trained_steps)."""
+    bs, g = len(prompts), cfg["guidance"]
+    cond = encode(policy, prompts)
+    names = routed + [anchor] * bs if cfg["beta_mar"] else routed  # one label forward: teachers, anchor
+    copies = len(names) // bs
+    label_cond = tuple(torch.cat([c] * copies) for c in cond)
+    x = torch.randn((bs, *policy.latent_shape), generator=generator, device=generator.device).to(policy.device)
+    kls, mars, replay = [], [], []
+    for j in range(trained_steps):
+        s, s_next = sigmas[j].item(), sigmas[j + 1].item()
+        labels = adapter_velocities(policy, torch.cat([x] * copies), s, label_cond, g, names)  # no_grad
+        v_teacher, v_anchor = labels[:bs], (labels[bs:] if cfg["beta_mar"] else None)
+        v = velocity(policy, x, s, cond, g)                                               # the student
+        x_next, log_prob, _, _ = sde_step(v.detach(), x, s, s_next, cfg["noise_level"], generator=generator)
+        adv = None
+        if cfg["loss"] != "pathwise":
+            lp_teacher = sde_step(v_teacher, x, s, s_next, cfg["noise_level"], prev_sample=x_next)[1]
+            adv = pg_reward(log_prob, lp_teacher, s, s_next, x[0].numel(), cfg)
+            if cfg["gamma"]:  # the return needs later rewards: the pg term waits for the second pass
+                replay.append((x, x_next, log_prob, adv))
+                adv = None
+        loss, kl, mar = opd_loss(v, x, x_next, s, s_next, v_teacher, cfg, log_prob, adv, v_anchor)
+        (loss * weight).backward()
+        kls.append(kl)
+        mars.append(mar)
+        x = x_next
+    if replay:  # --loss pg/both with gamma > 0: returns-to-go through the surrogate, a second pass
+        returns = returns_to_go(torch.stack([r[3] for r in replay], 1), cfg["gamma"])
+        for j, (x, x_next, old_log_prob, _) in enumerate(replay):
+            s, s_next = sigmas[j].item(), sigmas[j + 1].item()
+            v = velocity(policy, x, s, cond, g)
+            log_prob = sde_step(v, x, s, s_next, cfg["noise_level"], prev_sample=x_next)[1]
+            (ppo_loss(log_prob, old_log_prob, returns[:, j], cfg["clip_range"])[0] * weight).backward()
+    return torch.stack(kls, 1), torch.stack(mars, 1)
 
 
 # -----------------------------------------------------------------------------
@@ -208,6 +248,7 @@ def main(argv=None):
         params = add_student(policy, rank=cfg["lora_rank"], alpha=cfg["lora_alpha"], init=init)
     micro = images_per_rank // cfg["batch_size"]
     trained_steps = int(cfg["num_steps"] * cfg["timestep_fraction"])
+    sigmas = sd3_sigmas(policy.pipe.scheduler.config, cfg["num_steps"])
     all_rows = [r for rows in train_rows.values() for r in rows]
     encode(policy, sorted({r["prompt"] for r in all_rows + eval_rows}))
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
@@ -244,18 +285,8 @@ def main(argv=None):
         batch_rows = [r for r in picked for _ in range(cfg["group_size"])]
         gen = common.step_generator(device, cfg["seed"], step, rank)
 
-        # rollouts of the student; routed teacher and anchor velocities recorded as labels
-        policy.transformer.eval()
-        labels = {"teacher": [r["task"] for r in batch_rows]}
-        if cfg["beta_mar"]:
-            labels["anchor"] = anchor
-        traj = rollout_batches(policy, [r["prompt"] for r in batch_rows], cfg["batch_size"], labels=labels,
-                               num_steps=cfg["num_steps"], guidance=cfg["guidance"], noise_level=cfg["noise_level"],
-                               generator=gen, sde_steps=trained_steps)
-        lab, sigmas = traj.pop("labels"), traj.pop("sigmas")
-        del traj["latents"]
-
-        # training: the student is the only model with gradients
+        # one pass per micro-batch: the student's rollout, the routed teachers' and the anchor's labels at
+        # its states, the per-step loss and its backward; then one optimizer update on the summed gradient
         policy.transformer.train()
         kl_sum = torch.zeros(len(teachers), trained_steps)
         kl_cnt = torch.zeros(len(teachers), 1)
@@ -263,21 +294,12 @@ def main(argv=None):
         mar_sum = torch.zeros(trained_steps)
         for m in range(micro):
             idx = torch.arange(m * cfg["batch_size"], (m + 1) * cfg["batch_size"])
-            cond = encode(policy, [batch_rows[i]["prompt"] for i in idx.tolist()])
+            rows_m = [batch_rows[i] for i in idx.tolist()]
+            kl, mar = distill_micro_batch(policy, [r["prompt"] for r in rows_m], [r["task"] for r in rows_m], anchor,
+                                          sigmas, trained_steps, gen, cfg, 1 / (micro * trained_steps))
             kl_cnt[:, 0] += torch.bincount(task_ids[idx], minlength=len(teachers))
-            mb = {k: v[idx] for k, v in traj.items()}
-            adv = pg_batch_advantages(mb, lab["teacher"][idx], sigmas, trained_steps, cfg) \
-                if cfg["loss"] != "pathwise" else None
-            for j in range(trained_steps):
-                s, s_next = sigmas[j].item(), sigmas[j + 1].item()
-                v = velocity(policy, mb["states"][:, j], s, cond, cfg["guidance"])
-                loss, kl, mar = opd_loss(v, mb["states"][:, j], mb["next_states"][:, j], s, s_next,
-                                         lab["teacher"][idx, j], cfg, mb["log_probs"][:, j],
-                                         adv[:, j] if adv is not None else None,
-                                         lab["anchor"][idx, j] if "anchor" in lab else None)
-                mar_sum[j] += mar.sum().cpu()
-                (loss / (micro * trained_steps)).backward()
-                kl_sum[:, j] += torch.zeros(len(teachers)).index_add_(0, task_ids[idx], kl.cpu())
+            kl_sum += torch.zeros(len(teachers), trained_steps).index_add_(0, task_ids[idx], kl.cpu())
+            mar_sum += mar.sum(0).cpu()
         grad_norm = common.optimizer_update(params, optimizer, ema, cfg)
         step += 1
 

@@ -6,8 +6,8 @@ The shared core of every stage: the flow-matching SDE maths, the rollout loop, a
     policy = load_policy("stabilityai/stable-diffusion-3.5-medium", device="cuda")
     add_student(policy)                                     # trainable LoRA "student"
     load_adapter(policy, "ocr_teacher/", "ocr")              # frozen LoRA named after its task
-    out = rollout(policy, prompts, num_steps=10, guidance=4.5, noise_level=0.7,
-                  labels={"teacher": "ocr", "anchor": "base"}, generator=g)
+    out = rollout(policy, prompts, num_steps=10, guidance=4.5, noise_level=0.7, generator=g)
+    v_teacher = adapter_velocities(policy, x, sigma, cond, 4.5, ["ocr", "base"])  # per sample
 
 Convention (SD3): sigma = 1 is pure noise, sigma = 0 is data, x_s = (1 - s) x0 + s eps and the
 network predicts v = eps - x0. Sampling walks the scheduler's sigmas from 1 down to 0.
@@ -113,6 +113,27 @@ def transition_kl(v_student, v_teacher, sigma, sigma_next, noise_level, weightin
 def cfg(v_uncond, v_cond, guidance):
     """Classifier-free guidance. Distilled velocities are guided velocities, as the authors do."""
     return v_uncond + guidance * (v_cond - v_uncond)
+
+
+def group_advantages(rewards, groups, global_std=True, clip=5.0, eps=1e-4):
+    """GRPO: (r - mean of its prompt's group) / (std + eps), clipped. std is over the whole batch
+    or per group; a group whose images all score the same gets zero advantage, not NaN."""
+    adv = torch.zeros_like(rewards)
+    std_all = rewards.std() if rewards.numel() > 1 else torch.tensor(0.0)
+    for g in groups.unique():
+        m = groups == g
+        std = std_all if global_std else (rewards[m].std() if m.sum() > 1 else torch.tensor(0.0))
+        adv[m] = (rewards[m] - rewards[m].mean()) / (std + eps)
+    return adv.clamp(-clip, clip)
+
+
+def ppo_loss(log_prob, old_log_prob, advantages, clip_range):
+    """The clipped surrogate on the per-step ratio (per-dim mean log-probs, Flow-GRPO's
+    convention). Returns (loss, fraction of clipped ratios)."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    return torch.maximum(unclipped, clipped).mean(), ((ratio - 1).abs() > clip_range).float().mean()
 
 
 def sd3_sigmas(scheduler_config, num_steps):
@@ -270,34 +291,42 @@ def initial_noise(policy, seeds):
 
 
 @torch.no_grad()
-def label_velocities(policy, x, sigma, cond, guidance, names):
-    """Velocities of other adapters at the states x. names is one adapter name for the whole
-    batch or one per sample (task routing): each adapter only sees the samples routed to it."""
+def adapter_velocities(policy, x, sigma, cond, guidance, names):
+    """Guided velocities of frozen adapters at the states x: sample k through adapter names[k]
+    (BASE: none), or all through one name. Several names go through ONE forward, as peft's
+    mixed-adapter batches: every LoRA layer runs the base on the whole batch and adds each
+    adapter's update to its own rows only (a forward pre-hook hands the layers the names, which
+    diffusers' transformer does not pass down). CFG doubles the batch, so the names repeat."""
+    from peft.tuners.lora import LoraLayer
     names = [names] * x.shape[0] if isinstance(names, str) else list(names)
-    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    for name in dict.fromkeys(names):
-        idx = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-        sub = tuple(c[idx] for c in cond)
-        with using_adapter(policy, name):
-            out[idx] = velocity(policy, x[idx], sigma, sub, guidance)
-    return out
+    if len(set(names)) == 1:
+        with using_adapter(policy, names[0]):
+            return velocity(policy, x, sigma, cond, guidance)
+    per_row = ["__base__" if n == BASE else n for n in names]
+
+    def hand_names(module, args, kwargs):
+        return args, {**kwargs, "adapter_names": per_row * (args[0].shape[0] // len(per_row))}
+
+    hooks = [m.register_forward_pre_hook(hand_names, with_kwargs=True)
+             for m in policy.transformer.modules() if isinstance(m, LoraLayer)]
+    try:
+        return velocity(policy, x, sigma, cond, guidance)
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 @torch.no_grad()
 def rollout(policy, prompts, num_steps, guidance, noise_level, generator=None, latents=None,
-            labels=None, adapter=None, negative_prompt="", sde_steps=None):
+            adapter=None, negative_prompt="", sde_steps=None):
     """Sample a batch with CFG: SDE when noise_level > 0 (on-policy rollouts), ODE when 0 (eval).
 
     sde_steps = k keeps the noise in the first k steps only and finishes with ODE steps (the
     SDE window of Flow-GRPO-Fast): the steps that are not trained then leave no sampling noise
     in the final image, which matters when the reward reads pixels directly (the tiny world).
-
-    labels = {key: adapter name or per-sample list of names} also records those adapters'
-    guided velocities at every visited state (teacher / anchor labels, computed once here
-    under no_grad instead of inside the training loop). adapter picks the sampling adapter
-    (default: the student if any, else the base).
+    adapter picks the sampling adapter (default: the student if any, else the base).
     Returns a dict: states (B,T,...) the state before each step, next_states (B,T,...),
-    log_probs (B,T), sigmas (T+1,), latents (B,...) the final sample, and labels {key: (B,T,...)}."""
+    log_probs (B,T), sigmas (T+1,) and latents (B,...) the final sample."""
     cond = encode(policy, prompts, negative_prompt)
     sigmas = sd3_sigmas(policy.pipe.scheduler.config, num_steps)
     if latents is None:
@@ -306,13 +335,10 @@ def rollout(policy, prompts, num_steps, guidance, noise_level, generator=None, l
     x = latents.to(policy.device, torch.float32)
     adapter = adapter or policy.student or BASE
     states, next_states, log_probs = [], [], []
-    label_out = {k: [] for k in (labels or {})}
     for i in range(num_steps):
         s, s_next = sigmas[i].item(), sigmas[i + 1].item()
         with using_adapter(policy, adapter):
             v = velocity(policy, x, s, cond, guidance)
-        for key, names in (labels or {}).items():
-            label_out[key].append(label_velocities(policy, x, s, cond, guidance, names))
         noisy = sde_steps is None or i < sde_steps
         x_next, log_prob, _, _ = sde_step(v, x, s, s_next, noise_level if noisy else 0.0, generator=generator)
         states.append(x)
@@ -320,22 +346,19 @@ def rollout(policy, prompts, num_steps, guidance, noise_level, generator=None, l
         log_probs.append(log_prob)
         x = x_next
     return {"states": torch.stack(states, 1), "next_states": torch.stack(next_states, 1),
-            "log_probs": torch.stack(log_probs, 1), "sigmas": sigmas, "latents": x,
-            "labels": {k: torch.stack(v, 1) for k, v in label_out.items()}}
+            "log_probs": torch.stack(log_probs, 1), "sigmas": sigmas, "latents": x}
 
 
-def rollout_batches(policy, prompts, batch_size, labels=None, **kwargs):
-    """rollout over many prompts in micro-batches of batch_size (per-sample label lists are
-    sliced along, and so are starting latents), concatenated along the batch. kwargs go to rollout."""
+def rollout_batches(policy, prompts, batch_size, **kwargs):
+    """rollout over many prompts in micro-batches of batch_size (starting latents, if given, are
+    sliced along), concatenated along the batch. kwargs go to rollout."""
     outs = []
     latents = kwargs.pop("latents", None)
     for i in range(0, len(prompts), batch_size):
-        part = {k: (v[i:i + batch_size] if isinstance(v, list) else v) for k, v in (labels or {}).items()}
         start = None if latents is None else latents[i:i + batch_size]
-        outs.append(rollout(policy, prompts[i:i + batch_size], labels=part, latents=start, **kwargs))
+        outs.append(rollout(policy, prompts[i:i + batch_size], latents=start, **kwargs))
     merged = {k: torch.cat([o[k] for o in outs]) for k in ("states", "next_states", "log_probs", "latents")}
     merged["sigmas"] = outs[0]["sigmas"]
-    merged["labels"] = {k: torch.cat([o["labels"][k] for o in outs]) for k in outs[0]["labels"]}
     return merged
 
 

@@ -25,8 +25,8 @@ from tqdm import tqdm
 import common
 from prompts import held_out_note, load_prompts, spread
 from rewards import get_reward, parse_reward_spec, set_device
-from sde_sampler import (BASE, add_student, decode, encode, load_policy, resolve_model, rollout_batches, sde_step,
-                         transition_kl, velocity)
+from sde_sampler import (BASE, adapter_velocities, add_student, decode, encode, group_advantages, load_policy,
+                         ppo_loss, resolve_model, rollout_batches, sde_step, transition_kl, velocity)
 from tinyworld import SAMPLING as TINY
 
 # -----------------------------------------------------------------------------
@@ -83,35 +83,17 @@ PRESETS = {
 # -----------------------------------------------------------------------------
 # the maths of a GRPO step
 
-def group_advantages(rewards, groups, global_std=True, clip=5.0, eps=1e-4):
-    """(r - mean of its prompt's group) / (std + eps), clipped. std is over the whole batch or per
-    group; a group whose images all score the same gets zero advantage, not NaN."""
-    adv = torch.zeros_like(rewards)
-    std_all = rewards.std() if rewards.numel() > 1 else torch.tensor(0.0)
-    for g in groups.unique():
-        m = groups == g
-        std = std_all if global_std else (rewards[m].std() if m.sum() > 1 else torch.tensor(0.0))
-        adv[m] = (rewards[m] - rewards[m].mean()) / (std + eps)
-    return adv.clamp(-clip, clip)
-
-
-def ppo_loss(log_prob, old_log_prob, advantages, clip_range):
-    """The clipped surrogate on the per-step ratio (per-dim mean log-probs, Flow-GRPO's convention)."""
-    ratio = torch.exp(log_prob - old_log_prob)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
-    return torch.maximum(unclipped, clipped).mean(), ((ratio - 1).abs() > clip_range).float().mean()
-
-
 def step_loss(policy, traj, idx, j, adv, cond, cfg):
     """PPO loss, KL to the base (0 when beta is 0) and clip fraction at step j of the rollouts
-    idx, recomputing the student's velocity with gradients; adv holds those rollouts' advantages."""
+    idx, recomputing the student's velocity with gradients; adv holds those rollouts' advantages.
+    The base's velocity (the KL's reference) is taken here, at the trained states only."""
     s, s_next = traj["sigmas"][j].item(), traj["sigmas"][j + 1].item()
     x = traj["states"][idx, j]
+    v_ref = adapter_velocities(policy, x, s, cond, cfg["guidance"], BASE) if cfg["beta"] else None
     v = velocity(policy, x, s, cond, cfg["guidance"])
     _, log_prob, _, _ = sde_step(v, x, s, s_next, cfg["noise_level"], prev_sample=traj["next_states"][idx, j])
     loss, clipfrac = ppo_loss(log_prob, traj["log_probs"][idx, j], adv, cfg["clip_range"])
-    kl = (transition_kl(v, traj["labels"]["ref"][idx, j], s, s_next, cfg["noise_level"], cfg["kl_weighting"]).mean()
+    kl = (transition_kl(v, v_ref, s, s_next, cfg["noise_level"], cfg["kl_weighting"]).mean()
           if cfg["beta"] else torch.zeros((), device=x.device))
     return loss, kl, clipfrac
 
@@ -194,12 +176,11 @@ def main(argv=None):
         batch_rows = [r for r in picked for _ in range(cfg["group_size"])]
         groups = torch.arange(prompts_per_rank).repeat_interleave(cfg["group_size"])
 
-        # rollouts: SDE samples of the current student, base velocities recorded for the KL term
+        # rollouts: SDE samples of the current student (SDE over the trained steps, ODE after)
         policy.transformer.eval()
         traj = rollout_batches(policy, [r["prompt"] for r in batch_rows], cfg["batch_size"],
-                               labels={"ref": BASE} if cfg["beta"] else None, num_steps=cfg["num_steps"],
-                               guidance=cfg["guidance"], noise_level=cfg["noise_level"], generator=gen,
-                               sde_steps=trained_steps)
+                               num_steps=cfg["num_steps"], guidance=cfg["guidance"], noise_level=cfg["noise_level"],
+                               generator=gen, sde_steps=trained_steps)
 
         # rewards: each image by its own task's reward (+ the shared one), then group advantages
         images = decode(policy, traj["latents"])

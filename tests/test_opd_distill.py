@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import opd_distill
-from opd_distill import kl_scale, opd_loss, pg_batch_advantages, returns_to_go, task_schedule
+from opd_distill import distill_micro_batch, kl_scale, opd_loss, pg_reward, returns_to_go, task_schedule
 from sde_sampler import (add_student, build_tiny_pipeline, encode, load_adapter, load_policy, rollout,
-                         save_adapter, sde_step, transition_kl, using_adapter, velocity)
+                         save_adapter, sd3_sigmas, sde_step, transition_kl, using_adapter, velocity)
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = dict(noise_level=0.7, kl_weighting="exact", loss="pathwise", beta_mar=0.0, clip_range=1e-4, gamma=0.0)
@@ -78,8 +78,7 @@ def test_pathwise_is_the_literal_kl_and_pg_is_unbiased_for_it(policy, tmp_path):
     with torch.no_grad():
         v0 = velocity(policy, x, s, cond, 1.0)
     x_next, lp_old, _, _ = sde_step(v0, x, s, s_next, 0.7, generator=torch.Generator().manual_seed(5))
-    sig = torch.tensor([s, s_next])
-    mb = {"states": x[:, None], "next_states": x_next[:, None], "log_probs": lp_old[:, None]}
+    lp_t = sde_step(v_t, x, s, s_next, 0.7, prev_sample=x_next)[1]
 
     # pathwise: the loss is the literal KL and its gradient is autograd's on transition_kl
     v = velocity(policy, x[:8], s, encode(policy, [prompt] * 8), 1.0)
@@ -95,20 +94,85 @@ def test_pathwise_is_the_literal_kl_and_pg_is_unbiased_for_it(policy, tmp_path):
     grads = {}
     for mode in ("pathwise", "pg"):
         cfg = {**CFG, "loss": mode}
-        adv = pg_batch_advantages(mb, v_t[:, None], sig, 1, cfg) if mode == "pg" else None
+        adv = pg_reward(lp_old, lp_t, s, s_next, x[0].numel(), cfg) if mode == "pg" else None
         for p in params:
             p.grad = None
         for k in range(0, n, 512):
             sl = slice(k, k + 512)
             v = velocity(policy, x[sl], s, encode(policy, [prompt] * 512), 1.0)
             loss, _, _ = opd_loss(v, x[sl], x_next[sl], s, s_next, v_t[sl], cfg, lp_old[sl],
-                                  adv[sl, 0] if adv is not None else None)
+                                  adv[sl] if adv is not None else None)
             (loss * 512 / n).backward()
         grads[mode] = _grads(params)
     cos = torch.nn.functional.cosine_similarity(grads["pathwise"], grads["pg"], dim=0).item()
     ratio = (grads["pg"].norm() / grads["pathwise"].norm()).item()
     assert cos >= 0.9, cos
     assert 0.7 < ratio < 1.4, ratio  # same scale too: pg is unbiased for the same objective
+
+
+def _two_pass(policy, prompts, routed, anchor, num_steps, trained, seed, cfg, weight):
+    """The OPD step as the code did it before one pass, as the reference: roll out first (no_grad),
+    then each adapter's labels at the stored states by its own forward, then the student again
+    with gradient on every trained state. Returns the per-sample KLs (B, trained)."""
+    out = rollout(policy, prompts, num_steps, cfg["guidance"], 0.7, generator=torch.Generator().manual_seed(seed),
+                  sde_steps=trained)
+    cond, sig, kls, rewards = encode(policy, prompts), out["sigmas"], [], []
+    for j in range(trained):
+        s, s_next, x, x_next = sig[j].item(), sig[j + 1].item(), out["states"][:, j], out["next_states"][:, j]
+        v_t = torch.empty_like(x)
+        with torch.no_grad():
+            for name in set(routed):
+                k = [i for i, n in enumerate(routed) if n == name]
+                with using_adapter(policy, name):
+                    v_t[k] = velocity(policy, x[k], s, tuple(c[k] for c in cond), cfg["guidance"])
+            with using_adapter(policy, anchor):
+                v_a = velocity(policy, x, s, cond, cfg["guidance"])
+        v = velocity(policy, x, s, cond, cfg["guidance"])
+        adv = None
+        if cfg["loss"] != "pathwise":
+            adv = pg_reward(out["log_probs"][:, j], sde_step(v_t, x, s, s_next, 0.7, prev_sample=x_next)[1], s, s_next,
+                            x[0].numel(), cfg)
+            rewards.append(adv)
+        loss, kl, _ = opd_loss(v, x, x_next, s, s_next, v_t, cfg, out["log_probs"][:, j],
+                               None if cfg["gamma"] else adv, v_a)
+        (loss * weight).backward()
+        kls.append(kl)
+    if cfg["gamma"] and rewards:
+        returns = returns_to_go(torch.stack(rewards, 1), cfg["gamma"])
+        for j in range(trained):
+            s, s_next, x = sig[j].item(), sig[j + 1].item(), out["states"][:, j]
+            lp = sde_step(velocity(policy, x, s, cond, cfg["guidance"]), x, s, s_next, 0.7,
+                          prev_sample=out["next_states"][:, j])[1]
+            (opd_distill.ppo_loss(lp, out["log_probs"][:, j], returns[:, j], 1e-4)[0] * weight).backward()
+    return torch.stack(kls, 1)
+
+
+@pytest.mark.parametrize("loss,gamma", [("pathwise", 0.0), ("pg", 0.0), ("both", 0.5)])
+def test_one_pass_gradient_equals_the_two_pass_gradient(policy, tmp_path, loss, gamma):
+    """distill_micro_batch (labels and loss at the state just visited, backward before the next
+    state) gives the gradient of rolling out first and re-running the student, to float rounding:
+    same seed, same states, routed teachers and a LoRA anchor in one mixed-adapter forward."""
+    for k, name in enumerate(["count", "text", "anchor"]):
+        _lora(policy, tmp_path / name, seed=10 + k, std=0.1)
+        load_adapter(policy, tmp_path / name, name)
+    params = _lora(policy, tmp_path / "init", seed=20, std=0.05)
+    cfg = {**CFG, "loss": loss, "gamma": gamma, "beta_mar": 0.3, "guidance": 4.5, "kl_weighting": "velocity"}
+    prompts = ["a red circle", "two blue squares", 'the text "ab"', "a green triangle"]
+    routed = ["count", "count", "text", "count"]
+    grads, kls = {}, {}
+    for way in ("two", "one"):
+        for p in params:
+            p.grad = None
+        if way == "two":
+            kls[way] = _two_pass(policy, prompts, routed, "anchor", 4, 3, 7, cfg, 0.25)
+        else:
+            sig = sd3_sigmas(policy.pipe.scheduler.config, 4)
+            kls[way] = distill_micro_batch(policy, prompts, routed, "anchor", sig, 3, torch.Generator().manual_seed(7),
+                                           cfg, 0.25)[0]
+        grads[way] = _grads(params)
+    assert grads["two"].abs().max() > 0
+    torch.testing.assert_close(kls["one"], kls["two"], rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(grads["one"], grads["two"], rtol=1e-4, atol=1e-7)
 
 
 def _args(pipe_dir, out, teachers, **over):

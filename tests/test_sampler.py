@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sde_sampler import (BASE, add_student, cfg, encode, load_adapter, noise_scale, rollout, rollout_batches,
+from sde_sampler import (BASE, adapter_velocities, add_student, cfg, encode, load_adapter, noise_scale, rollout, rollout_batches,
                          save_adapter, sd3_sigmas, sde_step, transition_kl, using_adapter, velocity)
 
 
@@ -189,7 +189,9 @@ def test_ode_rollout_matches_diffusers_pipeline(policy):
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_rollout_labels_equal_separate_forwards(policy, tmp_path):
+def test_mixed_adapter_batch_equals_separate_forwards(policy, tmp_path):
+    """adapter_velocities: sample k through adapter names[k] in ONE forward (peft's mixed-adapter
+    batches, CFG included) gives each adapter's own velocity, and leaves the student active."""
     params = add_student(policy, rank=4, alpha=8)
     torch.manual_seed(0)
     for p in params:
@@ -200,22 +202,27 @@ def test_rollout_labels_equal_separate_forwards(policy, tmp_path):
         for n, p in policy.transformer.named_parameters():
             if "lora_B.student" in n:
                 p.mul_(-1)  # the student's delta is now minus the "count" teacher's
-    prompts = ["a red circle", "a blue square", "a red square"]
-    routed = ["count", BASE, "count"]
-    out = rollout(policy, prompts, 3, 4.5, 0.7, generator=torch.Generator().manual_seed(0),
-                  labels={"teacher": routed, "anchor": BASE})
+    prompts = ["a red circle", "a blue square", "a red square", "a red circle"]
+    names = ["count", BASE, "count", BASE]
+    out = rollout(policy, prompts, 3, 4.5, 0.7, generator=torch.Generator().manual_seed(0))
     cond = encode(policy, prompts)
     states, sig = out["states"], out["sigmas"]
+    calls = []
+    hook = policy.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
     with torch.no_grad():
         for t in range(3):
+            calls.clear()
+            mixed = adapter_velocities(policy, states[:, t], sig[t].item(), cond, 4.5, names)
+            assert len(calls) == 1  # one forward for both adapters
             with using_adapter(policy, "count"):
                 v_count = velocity(policy, states[:, t], sig[t].item(), cond, 4.5)
             with using_adapter(policy, BASE):
                 v_base = velocity(policy, states[:, t], sig[t].item(), cond, 4.5)
             v_student = velocity(policy, states[:, t], sig[t].item(), cond, 4.5)
-            torch.testing.assert_close(out["labels"]["anchor"][:, t], v_base, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(out["labels"]["teacher"][[0, 2], t], v_count[[0, 2]], rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(out["labels"]["teacher"][1, t], v_base[1], rtol=1e-5, atol=1e-5)
-            assert (v_student - v_count).abs().max() > 1e-4
-    # the rollout left the student active and trainable
+            torch.testing.assert_close(mixed[[0, 2]], v_count[[0, 2]], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(mixed[[1, 3]], v_base[[1, 3]], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(adapter_velocities(policy, states[:, t], sig[t].item(), cond, 4.5, BASE), v_base)
+            assert (v_student - v_count).abs().max() > 1e-4 and (v_count - v_base).abs().max() > 1e-4
+    hook.remove()
+    # the labels left the student active and trainable
     assert all(p.requires_grad for p in params)

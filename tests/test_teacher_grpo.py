@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import teacher_grpo
-from teacher_grpo import group_advantages, ppo_loss
+from sde_sampler import group_advantages, ppo_loss
 
 REPO = Path(__file__).resolve().parents[1]
 
