@@ -8,10 +8,14 @@ What the pieces cost, in ratios measured within one run (wall-clock on shared ma
    batch, steps and guidance, both from the same precomputed prompt embeddings, returning latents
    (no decoding). Repeats are interleaved and the median ratio is reported.
 2. opd: opd_distill.py against teacher_grpo.py for a few steps on the same prompts, group size,
-   steps, guidance and micro-batch; the ratio of their median per-step wall time (the first step
-   is warm-up). OPD rolls out with the student plus the routed teacher plus the anchor (three
-   forwards a step) and needs no decode or reward; GRPO rolls out with the student plus the base
-   for its KL, then decodes and scores.
+   steps (the same trained steps), guidance and micro-batch; the ratio of their median per-step
+   wall time (the first step is warm-up), the share of each step's wall time spent inside the
+   transformer's forwards and backwards (the rest is overhead), and the peak memory of each
+   (CUDA: the allocator's peak; CPU: the growth of the process's peak RSS). OPD makes one pass
+   over the trained steps: the routed teachers and the anchor in one forward, the student with
+   gradient, its backward; it needs no decode or reward and samples nothing after the last
+   trained step. GRPO rolls out all steps, decodes and scores, then re-runs the student (and the
+   base, for its KL) with gradient on the trained steps.
 3. memory: one base with the student, then 1, 2, 3 LoRA teachers added as adapters, then (the
    control) one full-weight copy of the transformer, as a teacher that is not an adapter costs.
    Reported as the bytes of all distinct tensor storages held by the models, and as the process's
@@ -150,20 +154,50 @@ if "rollout" in parts:
     del policy
 
 if "opd" in parts:
+    from diffusers import SD3Transformer2DModel
+
     import opd_distill
     import teacher_grpo
     common = dict(model=model, resolution=32, t5_tokens=SAMPLING["t5_tokens"], num_steps=10, eval_steps=10,
                   guidance=args.guidance, group_size=4, prompts_per_step=4, batch_size=16, max_steps=args.train_steps,
-                  eval_every=0, eval_tasks="count,text", save_every=1000, lora_rank=8, lora_alpha=16, seed=0)
+                  timestep_fraction=0.99, eval_every=0, eval_tasks="count,text", save_every=1000, lora_rank=8,
+                  lora_alpha=16, seed=0)
     flags = lambda cfg: [x for k, v in cfg.items() for x in (f"--{k}", str(v))]  # noqa: E731
+    inside = [0.0]  # seconds inside transformer forwards and backwards (a forward inside a backward counts once)
 
-    def step_seconds(out):
+    def timed(fn):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                inside[0] += time.perf_counter() - t
+        return wrapper
+
+    def run(main, argv, out):
+        """One training run with the model's time counted; (median step s, share inside the model, peak MB)."""
+        forward, backward = SD3Transformer2DModel.forward, torch.Tensor.backward
+        SD3Transformer2DModel.forward, torch.Tensor.backward = timed(forward), timed(backward)
+        rss0 = peak_rss_mb()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            main(argv)
+        finally:
+            SD3Transformer2DModel.forward, torch.Tensor.backward = forward, backward
         secs = [json.loads(line)["sec"] for line in open(out / "metrics.jsonl")]
-        return statistics.median(secs[1:] or secs)
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else peak_rss_mb() - rss0
+        return statistics.median(secs[1:] or secs), inside[0] / sum(secs), peak
 
-    teacher_grpo.main(flags({**common, "out": tmp / "grpo", "tasks": "count,text", "updates_per_step": 1, "beta": 0.04}))
-    opd_distill.main(flags({**common, "out": tmp / "opd", "anchor": teachers["clean"], "beta_mar": 0.04})
-                     + ["--teachers", f"count={teachers['count']}", f"text={teachers['text']}"])
-    t_grpo, t_opd = step_seconds(tmp / "grpo"), step_seconds(tmp / "opd")
-    print(f"\n[opd] model {model}; {args.train_steps} steps each, median of steps 2..{args.train_steps}")
-    print(f"GRPO iteration {t_grpo:.2f}s  OPD iteration {t_opd:.2f}s  ratio OPD/GRPO {t_opd / t_grpo:.2f}")
+    grpo = run(teacher_grpo.main, flags({**common, "out": tmp / "grpo", "tasks": "count,text", "updates_per_step": 1,
+                                         "beta": 0.04}), tmp / "grpo")
+    inside[0] = 0.0
+    opd = run(opd_distill.main, flags({**common, "out": tmp / "opd", "anchor": teachers["clean"], "beta_mar": 0.04})
+              + ["--teachers", f"count={teachers['count']}", f"text={teachers['text']}"], tmp / "opd")
+    memory = "peak GPU memory" if torch.cuda.is_available() else "peak RSS growth"
+    print(f"\n[opd] model {model}; {args.train_steps} steps each, median of steps 2..{args.train_steps}; "
+          f"9 of 10 steps trained in both")
+    for name, (sec, share, peak) in (("GRPO", grpo), ("OPD", opd)):
+        print(f"{name} iteration {sec:.2f}s  inside the transformer (forward + backward) {100 * share:.0f}%  "
+              f"{memory} {peak:.0f} MB")
+    print(f"ratio OPD/GRPO {opd[0] / grpo[0]:.2f}")

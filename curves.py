@@ -3,10 +3,16 @@ Each task's test score against training step, one panel per task, one line per r
 of a single-reward teacher, or its absence in a distilled student, at a glance.
 
     python curves.py mix=runs/tiny/mix opd=runs/tiny/opd --out runs/tiny/curves.png
+    python curves.py --results runs/tiny/eval/results.json --x count,text --y clean \
+        opd_mar0 opd_mar0.2 opd_mar1 --out runs/tiny/mar_sweep.png       # a trade-off, one point each
 
 A run is a training --out folder; its metrics.jsonl holds the periodic evals ({"step", "eval":
 {task: {"mean", ...}}}) that teacher_grpo.py and opd_distill.py write. NAME=DIR names a line;
 a bare DIR is named after its folder.
+
+With --results, the positional names are checkpoints of an eval.py results.json instead, each
+drawn as one point: the mean of the --x tasks' scores against the --y task's (MAR's trade-off:
+what the anchor keeps against what the teachers teach).
 """
 import argparse
 import json
@@ -56,14 +62,44 @@ def plot(runs, out):
     plt.close(fig)
 
 
+def tradeoff(results, names, x_tasks, y_task, out):
+    """One labelled point per checkpoint of an eval.py results.json: mean of x_tasks against y_task."""
+    res = json.loads(Path(results).read_text())
+    missing = [n for n in names if n not in res]
+    if missing:
+        raise ValueError(f"{results}: no checkpoint named {missing[0]!r} (has {', '.join(res)})")
+    for task in [*x_tasks, y_task]:
+        if any(task not in res[n] for n in names):
+            raise ValueError(f"{results}: task {task!r} was not evaluated")
+    fig, ax = plt.subplots(figsize=(4.5, 3.6))
+    xs = [sum(res[n][t]["mean"] for t in x_tasks) / len(x_tasks) for n in names]
+    ys = [res[n][y_task]["mean"] for n in names]
+    ax.plot(xs, ys, marker="o")
+    for n, x, y in zip(names, xs, ys):
+        ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(f"mean of {', '.join(x_tasks)}")
+    ax.set_ylabel(y_task)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", help="NAME=DIR or DIR: training runs' --out folders")
+    parser.add_argument("runs", nargs="+", help="NAME=DIR or DIR: training runs' --out folders "
+                        "(with --results: checkpoint names)")
     parser.add_argument("--out", default="curves.png")
+    parser.add_argument("--results", help="an eval.py results.json: one point per named checkpoint")
+    parser.add_argument("--x", default="count,text", help="with --results: tasks averaged on the x axis")
+    parser.add_argument("--y", default="clean", help="with --results: the task on the y axis")
     args = parser.parse_args(argv)
-    runs = dict((r.split("=", 1) if "=" in r else (Path(r).name, r)) for r in args.runs)
     try:
-        plot(runs, args.out)
+        if args.results:
+            tradeoff(args.results, args.runs, [t for t in args.x.split(",") if t], args.y, args.out)
+        else:
+            plot(dict((r.split("=", 1) if "=" in r else (Path(r).name, r)) for r in args.runs), args.out)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"curves.py: {e}")
     print(f"wrote {args.out}")

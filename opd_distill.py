@@ -50,7 +50,7 @@ from tinyworld import SAMPLING as TINY
 # defaults: SD3.5-Medium and the paper's settings; --preset tiny swaps in the tiny world
 DEFAULTS = dict(
     model="",                  # hub id or pipeline folder; empty: SD3.5-Medium (or the preset's base)
-    teachers=[],               # TASK=PATH ... (or a path named after its task: ocr.pt)
+    teachers=[],               # TASK=PATH ... (or a path named after its task: ocr.pt); TASK=base: the base model
     anchor="",                 # MAR anchor LoRA (e.g. an aesthetic/PickScore teacher); empty: the base
     init="",                   # the student's initial LoRA (merge_coldstart's output); empty: fresh LoRA
     prompts=[],                # TASK=FILE ...: a task's prompts from a file or split folder; others built in
@@ -239,8 +239,8 @@ def main(argv=None):
         torch.manual_seed(cfg["seed"])
         set_device(device)
         policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"], t5_tokens=cfg["t5_tokens"])
-        for task, path in teachers.items():
-            load_adapter(policy, path, task)
+        # a task's adapter: its teacher LoRA, or the base itself for TASK=base
+        routes = {task: BASE if path == BASE else load_adapter(policy, path, task) for task, path in teachers.items()}
         anchor = BASE
         if cfg["anchor"]:
             anchor = load_adapter(policy, cfg["anchor"], "anchor")
@@ -295,8 +295,8 @@ def main(argv=None):
         for m in range(micro):
             idx = torch.arange(m * cfg["batch_size"], (m + 1) * cfg["batch_size"])
             rows_m = [batch_rows[i] for i in idx.tolist()]
-            kl, mar = distill_micro_batch(policy, [r["prompt"] for r in rows_m], [r["task"] for r in rows_m], anchor,
-                                          sigmas, trained_steps, gen, cfg, 1 / (micro * trained_steps))
+            kl, mar = distill_micro_batch(policy, [r["prompt"] for r in rows_m], [routes[r["task"]] for r in rows_m],
+                                          anchor, sigmas, trained_steps, gen, cfg, 1 / (micro * trained_steps))
             kl_cnt[:, 0] += torch.bincount(task_ids[idx], minlength=len(teachers))
             kl_sum += torch.zeros(len(teachers), trained_steps).index_add_(0, task_ids[idx], kl.cpu())
             mar_sum += mar.sum(0).cpu()

@@ -1,4 +1,6 @@
 """curves.py reads the eval records that the trainers log and draws one panel per task."""
+import json
+
 import pytest
 from PIL import Image
 
@@ -30,3 +32,17 @@ def test_curves_rejects_folders_without_evals(tmp_path):
     common.log_metrics(tmp_path / "r", {"step": 1, "reward": 0.1})
     with pytest.raises(SystemExit, match="no eval records"):
         curves.main([str(tmp_path / "r"), "--out", str(tmp_path / "c.png")])
+
+
+def test_tradeoff_plots_one_point_per_checkpoint(tmp_path):
+    res = {"a": {"count": {"mean": 0.3}, "text": {"mean": 0.5}, "clean": {"mean": 0.4}},
+           "b": {"count": {"mean": 0.4}, "text": {"mean": 0.6}, "clean": {"mean": 0.3}}}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(res))
+    curves.main(["--results", str(path), "a", "b", "--out", str(tmp_path / "t.png")])
+    with Image.open(tmp_path / "t.png") as im:
+        assert im.size[0] > 100
+    with pytest.raises(SystemExit, match="no checkpoint named 'c'"):
+        curves.main(["--results", str(path), "a", "c", "--out", str(tmp_path / "t.png")])
+    with pytest.raises(SystemExit, match="task 'ocr' was not evaluated"):
+        curves.main(["--results", str(path), "a", "--y", "ocr", "--out", str(tmp_path / "t.png")])
