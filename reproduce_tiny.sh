@@ -5,10 +5,12 @@
 #     SEEDS="0" bash reproduce_tiny.sh           # one seed of the key rows instead of three
 #     PYTHON=.venv/bin/python bash reproduce_tiny.sh   # without activating the venv
 #
-# teachers (count, text, clean) -> merge and SFT cold starts -> GRPO-Mix and OPD (merge init, MAR)
-# once per seed -> OPD without MAR, with --loss pg, from the SFT init -> eval.py on all (the
-# seeded rows also as mean [min-max]) -> curves.py: every task's test score against training
-# step for the teachers, GRPO-Mix and OPD.
+# teachers (count, text, clean) -> merge and SFT cold starts -> GRPO-Mix, OPD from the merge and
+# OPD from a fresh student (no cold start), once per seed -> the MAR sweep (beta_mar 0, 0.2, 1;
+# 0.04 is the preset), OPD with the clean teacher as anchor, with --loss pg, from the SFT init ->
+# eval.py on all (the seeded rows also as mean [min-max]) -> curves.py: every task's test score
+# against training step for the teachers, GRPO-Mix and OPD, and the MAR trade-off (clean against
+# the mean of count and text, one point per beta_mar).
 # Interrupt it at any point and run it again: a finished stage (its final/ exists) is skipped and
 # an unfinished one resumes from its last checkpoint.
 set -euo pipefail
@@ -43,23 +45,34 @@ done
 T="count=$R/count/final text=$R/text/final"
 stage "$R/merge" merge_coldstart.py --teachers $T --method exact
 stage "$R/sft" merge_coldstart.py --teachers $T --method sft "${SFT[@]}"
-# the key rows, GRPO-Mix and OPD from the merge with MAR, once per seed
-MIX=() MAIN=()
+# OPD as its preset (README, "The OPD recipe"): clean prompts held at the base, the base as anchor
+O="$T clean=base"
+# the key rows, once per seed: GRPO-Mix, OPD from the merge, OPD from a fresh student
+MIX=() MAIN=() FRESH=()
 for seed in ${SEEDS:-0 1 2}; do
     stage "$R/mix_s$seed" teacher_grpo.py --tasks count,text --shared_reward clean:0.2 --seed "$seed" "${GRPO[@]}"
-    stage "$R/opd_s$seed" opd_distill.py --teachers $T --anchor "$R/clean/final" --init "$R/merge/final" \
-        --seed "$seed" "${OPD[@]}"
+    stage "$R/opd_s$seed" opd_distill.py --teachers $O --init "$R/merge/final" --seed "$seed" "${OPD[@]}"
+    stage "$R/opd_fresh_s$seed" opd_distill.py --teachers $O --init "" --seed "$seed" "${OPD[@]}"
     MIX+=(--ckpt "grpo_mix@s$seed=$R/mix_s$seed/final") MAIN+=(--ckpt "opd@s$seed=$R/opd_s$seed/final")
+    FRESH+=(--ckpt "opd_fresh@s$seed=$R/opd_fresh_s$seed/final")
 done
-stage "$R/opd_nomar" opd_distill.py --teachers $T --anchor "$R/clean/final" --init "$R/merge/final" --beta_mar 0 "${OPD[@]}"
-stage "$R/opd_pg" opd_distill.py --teachers $T --anchor "$R/clean/final" --init "$R/merge/final" --loss pg "${OPD[@]}"
-stage "$R/opd_sft" opd_distill.py --teachers $T --anchor "$R/clean/final" --init "$R/sft/final" "${OPD[@]}"
+S0=${SEEDS:-0}; S0=${S0%% *}
+SWEEP=()
+for b in 0 0.2 1; do
+    stage "$R/opd_mar$b" opd_distill.py --teachers $O --init "$R/merge/final" --beta_mar "$b" "${OPD[@]}"
+    SWEEP+=(--ckpt "opd_mar$b=$R/opd_mar$b/final")
+done
+stage "$R/opd_anchor_clean" opd_distill.py --teachers $O --init "$R/merge/final" --anchor "$R/clean/final" "${OPD[@]}"
+stage "$R/opd_pg" opd_distill.py --teachers $O --init "$R/merge/final" --loss pg "${OPD[@]}"
+stage "$R/opd_sft" opd_distill.py --teachers $O --init "$R/sft/final" "${OPD[@]}"
 
 "$PY" eval.py --preset tiny --ckpt base --ckpt "count=$R/count/final" --ckpt "text=$R/text/final" \
     --ckpt "clean=$R/clean/final" "${MIX[@]}" --ckpt "merge=$R/merge/final" --ckpt "sft=$R/sft/final" \
-    "${MAIN[@]}" --ckpt "opd_no_mar=$R/opd_nomar/final" --ckpt "opd_pg=$R/opd_pg/final" \
-    --ckpt "opd_from_sft=$R/opd_sft/final" --out "$R/eval" "${EVAL[@]}"
-"$PY" curves.py count="$R/count" text="$R/text" clean="$R/clean" grpo_mix="$R/mix_s0" opd="$R/opd_s0" \
+    "${MAIN[@]}" "${FRESH[@]}" "${SWEEP[@]}" --ckpt "opd_anchor_clean=$R/opd_anchor_clean/final" \
+    --ckpt "opd_pg=$R/opd_pg/final" --ckpt "opd_from_sft=$R/opd_sft/final" --out "$R/eval" "${EVAL[@]}"
+"$PY" curves.py count="$R/count" text="$R/text" clean="$R/clean" grpo_mix="$R/mix_s$S0" opd="$R/opd_s$S0" \
     --out "$R/curves.png"
+"$PY" curves.py --results "$R/eval/results.json" --x count,text --y clean opd_mar0 "opd@s$S0" opd_mar0.2 opd_mar1 \
+    --out "$R/mar_sweep.png"
 echo "total: $((SECONDS - start)) s this invocation; the stages in $R/times.txt add to" \
     "$(awk '{s += $(NF - 1)} END {print s + 0}' "$R/times.txt") s over every invocation"

@@ -36,6 +36,7 @@ TINY_MODEL = REPO / "assets" / "tiny" / "base"
 LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                 "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
 BASE = "base"  # the adapter name that means "all adapters disabled"
+LORA_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
 # -----------------------------------------------------------------------------
@@ -487,7 +488,9 @@ def read_lora(source):
     src = str(source)
     path = Path(src)
     if not path.exists():
-        if src.count("/") == 1 and not src.startswith((".", "/")) and not path.suffix:
+        # owner/name is a hub id even with dots in the name (jieliu/SD3.5M-FlowGRPO-Text); a missing
+        # local file keeps its extension and gets the plain not-found error
+        if src.count("/") == 1 and not src.startswith((".", "/", "~")) and path.suffix not in LORA_FILE_SUFFIXES:
             from huggingface_hub import snapshot_download
             try:
                 path = Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors"]))

@@ -118,3 +118,27 @@ def test_bad_inputs_fail_with_one_line_naming_the_path(policy, tmp_path):
         load_adapter(policy, tmp_path / "wide_lora", "ocr")
     assert "\n" not in str(e.value)
     assert "ocr" not in (policy.transformer.peft_config if getattr(policy.transformer, "_hf_peft_config_loaded", False) else {})
+
+
+def test_dotted_hub_ids_reach_the_hub(policy, tmp_path, monkeypatch):
+    """The published Flow-GRPO ids have dots in their names (SD3.5M-...): they are hub ids, not
+    files with a suffix, and go to the download (mocked here); a missing local file does not."""
+    import huggingface_hub
+
+    from sde_sampler import read_lora
+    _randomise(add_student(policy, rank=4, alpha=8), 3)
+    save_adapter(policy, "student", tmp_path / "published")
+    asked = []
+
+    def fake_download(repo_id, **kwargs):
+        asked.append(repo_id)
+        return str(tmp_path / "published")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    for repo in ("jieliu/SD3.5M-FlowGRPO-Text", "jieliu/SD3.5M-FlowGRPO-GenEval", "someone/plain"):
+        state, kwargs = read_lora(repo)
+        assert state and kwargs["lora_alpha"] == 8
+    assert asked == ["jieliu/SD3.5M-FlowGRPO-Text", "jieliu/SD3.5M-FlowGRPO-GenEval", "someone/plain"]
+    with pytest.raises(FileNotFoundError, match="ocr.safetensors: LoRA checkpoint not found"):
+        read_lora("teachers/ocr.safetensors")
+    assert len(asked) == 3

@@ -7,7 +7,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINTS = ["base", "count", "text", "clean", "grpo_mix@s0", "grpo_mix@s1", "merge", "sft", "opd@s0", "opd@s1",
-               "opd_no_mar", "opd_pg", "opd_from_sft"]
+               "opd_fresh@s0", "opd_fresh@s1", "opd_mar0", "opd_mar0.2", "opd_mar1", "opd_anchor_clean", "opd_pg",
+               "opd_from_sft"]
 
 
 def test_smoke_chain_then_resume_skips(tmp_path):
@@ -21,11 +22,28 @@ def test_smoke_chain_then_resume_skips(tmp_path):
     assert all(set(r) == {"count", "text", "clean"} for r in results.values())
     assert "total:" in res.stdout
     table = (runs / "eval" / "results.md").read_text()
-    assert "| grpo_mix (2 seeds) |" in table and "| opd (2 seeds) |" in table
-    assert (runs / "curves.png").stat().st_size > 0
+    assert "| grpo_mix (2 seeds) |" in table and "| opd (2 seeds) |" in table and "| opd_fresh (2 seeds) |" in table
+    assert (runs / "curves.png").stat().st_size > 0 and (runs / "mar_sweep.png").stat().st_size > 0
+    config = json.loads((runs / "opd_fresh_s0" / "config.json").read_text())
+    assert config["init"] == "" and config["teachers"][-1] == "clean=base"
     again = subprocess.run(["bash", str(REPO / "reproduce_tiny.sh"), str(runs)], capture_output=True, text=True,
                            env=env, timeout=900)
-    assert again.returncode == 0 and again.stdout.count("done, skipped") == 12
+    assert again.returncode == 0 and again.stdout.count("done, skipped") == 17
     # the second invocation ran no stage, yet reports the stages' time over both
     stages = sum(int(line.split()[-2]) for line in (runs / "times.txt").read_text().splitlines())
     assert f"add to {stages} s over every invocation" in again.stdout
+
+
+def test_recipe_smoke_runs_every_variant(tmp_path):
+    runs = tmp_path / "recipe"
+    env = {**os.environ, "SMOKE": "1", "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable}
+    res = subprocess.run(["bash", str(REPO / "recipe_tiny.sh"), str(runs)], capture_output=True, text=True,
+                         env=env, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    results = json.loads((runs / "eval" / "results.json").read_text())
+    assert list(results) == ["merge", "count", "text", "old", "velocity", "velocity_anchor_base",
+                             "velocity_clean_teacher", "preset", "preset_mar0", "preset_mar0.2", "preset_mar1", "fresh"]
+    old, preset = (json.loads((runs / n / "config.json").read_text()) for n in ("old", "preset"))
+    assert (old["kl_weighting"], preset["kl_weighting"]) == ("flowgrpo", "velocity")
+    assert old["anchor"].endswith("clean") and preset["anchor"] == "" and preset["teachers"][-1] == "clean=base"
+    assert (runs / "mar_sweep.png").stat().st_size > 0

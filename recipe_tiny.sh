@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Why the old tiny OPD recipe added nothing, one cause at a time: OPD runs from the shipped merge
+# and teachers (assets/tiny), each changing one thing, then eval.py at 4 images per prompt on all
+# of them beside the merge init and the teachers, and the MAR trade-off plot.
+#
+#     bash recipe_tiny.sh [RUNS_DIR]                # default runs/recipe; run it again to resume
+#     SMOKE=1 bash recipe_tiny.sh /tmp/recipe       # every run cut to one step (tests/test_reproduce.py)
+#     PYTHON=.venv/bin/python bash recipe_tiny.sh   # without activating the venv
+set -euo pipefail
+cd "$(dirname "$0")"
+R=${1:-runs/recipe}
+PY=${PYTHON:-python}
+A=assets/tiny
+mkdir -p "$R"
+OPD=() EVAL=()
+if [ "${SMOKE:-0}" = 1 ]; then
+    OPD=(--max_steps 1 --prompts_per_step 2 --group_size 2 --batch_size 4)
+    EVAL=(--num_prompts 2)
+fi
+T2="count=$A/count text=$A/text"
+CKPTS=()
+run() {  # run NAME ARGS...: opd_distill.py --preset tiny ARGS into $R/NAME unless its final/ exists
+    local name=$1
+    shift
+    CKPTS+=(--ckpt "$name=$R/$name/final")
+    if [ -e "$R/$name/final" ]; then echo "== $name: done, skipped"; return; fi
+    echo "== $name: python opd_distill.py --preset tiny $*"
+    local t=$SECONDS
+    "$PY" opd_distill.py --preset tiny "$@" --eval_every 0 --out "$R/$name" --resume "${OPD[@]}" > "$R/$name.log" 2>&1 \
+        || { echo "$name failed, see $R/$name.log"; exit 1; }
+    echo "== $name: $((SECONDS - t)) s" | tee -a "$R/times.txt"
+}
+# the old preset: the authors' flowgrpo weighting, count and text prompts only, the clean teacher as MAR anchor
+run old --kl_weighting flowgrpo --teachers $T2 --anchor $A/clean
+# one change each
+run velocity --kl_weighting velocity --teachers $T2 --anchor $A/clean
+run velocity_anchor_base --kl_weighting velocity --teachers $T2 --anchor ""
+run velocity_clean_teacher --kl_weighting velocity --teachers $T2 clean=$A/clean --anchor $A/clean
+# the new preset: velocity weighting, clean prompts held at the base, the base as MAR anchor
+run preset
+for b in 0 0.2 1; do run "preset_mar$b" --beta_mar "$b"; done
+run fresh --init ""
+"$PY" eval.py --preset tiny --ckpt merge=$A/merge --ckpt count=$A/count --ckpt text=$A/text "${CKPTS[@]}" \
+    --out "$R/eval" "${EVAL[@]}"
+"$PY" curves.py --results "$R/eval/results.json" --x count,text --y clean preset_mar0 preset preset_mar0.2 preset_mar1 \
+    --out "$R/mar_sweep.png"
