@@ -320,7 +320,19 @@ def finish_run(policy, params, out, config, ema=None):
 
 
 def load_training_state(folder):
-    return torch.load(Path(folder) / "training_state.pt", map_location="cpu", weights_only=True)
+    """A checkpoint's optimizer/EMA/step state. Rank 0 also cuts the run's metrics.jsonl back to
+    the checkpoint's step: the steps logged after it (by a run that was killed) are about to be
+    run, and logged, again."""
+    state = torch.load(Path(folder) / "training_state.pt", map_location="cpu", weights_only=True)
+    metrics = Path(folder).parent / "metrics.jsonl"
+    if metrics.exists() and (not dist.is_initialized() or dist.get_rank() == 0):
+        lines = metrics.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if json.loads(line)["step"] <= state["step"]]
+        if len(kept) < len(lines):
+            tmp = metrics.with_name(metrics.name + ".tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(metrics)
+    return state
 
 
 def log_metrics(out, record):

@@ -2,6 +2,7 @@
 loss, torchrun, resume, and start-up errors."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -212,6 +213,14 @@ def test_two_teachers_logging_and_resume(tiny_pipe_dir, tmp_path):
     opd_distill.main(_args(tiny_pipe_dir, tmp_path / "a", teachers, **{**run, "max_steps": 10}) + ["--resume"])
     steps = [json.loads(line)["step"] for line in open(tmp_path / "a" / "metrics.jsonl")]
     assert steps == list(range(1, 11))  # continued at step 9, not 1
+    # a run killed after step 10 had logged steps past its last checkpoint (8): a resume logs them once
+    with open(tmp_path / "a" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 11, "kl": 1.0}) + "\n")
+    shutil.rmtree(tmp_path / "a" / "final")
+    shutil.rmtree(tmp_path / "a" / "checkpoint-000010")
+    opd_distill.main(_args(tiny_pipe_dir, tmp_path / "a", teachers, **{**run, "max_steps": 10}) + ["--resume"])
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "a" / "metrics.jsonl")]
+    assert steps == list(range(1, 11))
 
 
 def test_periodic_eval_reports_its_noise_and_the_change_since_step_0(tiny_pipe_dir, tmp_path, capsys):
