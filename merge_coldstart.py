@@ -350,13 +350,17 @@ def flow_matching_loss(v, x0, eps):
     return ((v - (eps - x0)) ** 2).mean()
 
 
+def sample_key(cfg):
+    """What the cached teacher samples depend on: a cache with another key is sampled again."""
+    return {k: cfg[k] for k in ("model", "teachers", "samples_per_task", "sample_steps", "guidance", "resolution",
+                                "t5_tokens", "seed")}
+
+
 def teacher_samples(policy, cfg, names, rows, rank, world, cache):
     """ODE samples (latents) of every teacher on its own task's train prompts, this rank's share.
     Each sample has its own seed (seed + its global index), so the set does not depend on the batch
     size; it is cached in --out, keyed by everything that changes it."""
-    key = {"model": cfg["model"], "teachers": cfg["teachers"], "samples_per_task": cfg["samples_per_task"],
-           "sample_steps": cfg["sample_steps"], "guidance": cfg["guidance"], "resolution": cfg["resolution"],
-           "seed": cfg["seed"]}
+    key = sample_key(cfg)
     if cache.exists():
         saved = torch.load(cache, map_location="cpu", weights_only=True)
         if saved["key"] == key:

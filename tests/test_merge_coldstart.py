@@ -217,3 +217,11 @@ def test_sft_samples_the_routed_teachers_and_learns_them(policy, tiny_pipe_dir, 
     steps = [r["step"] for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]
     assert steps == list(range(1, 13))
     assert probes[-1] < probes[0] - 0.01, probes
+
+
+def test_sft_sample_cache_key_holds_everything_that_changes_a_sample():
+    from merge_coldstart import DEFAULTS, sample_key
+    key = sample_key(DEFAULTS)
+    for k, other in [("t5_tokens", 77), ("guidance", 1.0), ("resolution", 256), ("seed", 1), ("model", "x")]:
+        assert sample_key({**DEFAULTS, k: other}) != key, k
+    assert sample_key({**DEFAULTS, "lr": 0.5}) == key  # training settings do not change the samples
