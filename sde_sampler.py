@@ -17,6 +17,7 @@ tested against torch.distributions; everything model-related sits below them.
 """
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -28,6 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+# diffusers' SD3 pipeline imports image processors for IP-adapters, which this code never uses; without
+# torchvision (not needed here) transformers then says it falls back to PIL, twice a run. Only that
+# message is dropped; every other warning of that logger still shows.
+logging.getLogger("transformers.utils.import_utils").addFilter(
+    lambda record: "requires torchvision (not installed); falling back" not in record.getMessage())
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-medium"

@@ -1,9 +1,11 @@
 """The SDE maths against torch.distributions and Monte Carlo, and the rollout loop."""
+from pathlib import Path
+
 import pytest
 import torch
 
-from sde_sampler import (BASE, adapter_velocities, add_student, cfg, encode, load_adapter, noise_scale, rollout, rollout_batches,
-                         save_adapter, sd3_sigmas, sde_step, transition_kl, using_adapter, velocity)
+from sde_sampler import (BASE, adapter_velocities, add_student, cfg, encode, load_adapter, noise_scale, rollout,
+                         rollout_batches, save_adapter, sd3_sigmas, sde_step, transition_kl, using_adapter, velocity)
 
 
 def _state(b=3, shape=(3, 4, 4), seed=0):
@@ -226,3 +228,14 @@ def test_mixed_adapter_batch_equals_separate_forwards(policy, tmp_path):
     hook.remove()
     # the labels left the student active and trainable
     assert all(p.requires_grad for p in params)
+
+
+def test_torchvision_fallback_notice_is_silenced_and_other_warnings_are_not():
+    import subprocess
+    import sys
+    code = ("import sde_sampler\nfrom diffusers import StableDiffusion3Pipeline\nimport logging\n"
+            "logging.getLogger('transformers.utils.import_utils').warning('a real warning')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "requires torchvision" not in res.stderr and "a real warning" in res.stderr
