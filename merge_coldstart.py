@@ -10,7 +10,7 @@ teachers' own samples (SFT). The result is the --init of opd_distill.py.
     python opd_distill.py --preset tiny --teachers ... --init runs/merge/final --out runs/opd
 
 A teacher LoRA k adds delta_k = s_k B_k A_k to every adapted Linear, s_k = alpha_k / r_k (per
-layer, from its rank/alpha patterns). The merge rules (DESIGN.md section 3, "Cold start"):
+layer, from its rank/alpha patterns). The merge rules:
 
 - exact (default): delta = sum_k w_k delta_k, represented exactly as one LoRA of rank sum_k r_k by
   stacking the factors: B = [w_1 s_1 B_1, ..., w_K s_K B_K], A = [A_1; ...; A_K].

@@ -38,6 +38,8 @@ run velocity_anchor_base --kl_weighting velocity --teachers $T2 --anchor ""
 run velocity_clean_teacher --kl_weighting velocity --teachers $T2 clean=$A/clean --anchor $A/clean
 # the new preset: velocity weighting, clean prompts held at the base, the base as MAR anchor
 run preset
+# clean prompts held at the init (the merge) instead of the base
+run preset_clean_at_init --teachers $T2 clean=$A/merge
 for b in 0 0.2 1; do run "preset_mar$b" --beta_mar "$b"; done
 run fresh --init ""
 "$PY" eval.py --preset tiny --ckpt merge=$A/merge --ckpt count=$A/count --ckpt text=$A/text "${CKPTS[@]}" \

@@ -12,8 +12,8 @@ The shared core of every stage: the flow-matching SDE maths, the rollout loop, a
 Convention (SD3): sigma = 1 is pure noise, sigma = 0 is data, x_s = (1 - s) x0 + s eps and the
 network predicts v = eps - x0. Sampling walks the scheduler's sigmas from 1 down to 0.
 
-The maths functions are pure and small so they can be read against DESIGN.md section 3 and
-tested against torch.distributions; everything model-related sits below them.
+The maths functions are pure and small, each with its derivation in the docstring, and tested
+against torch.distributions; everything model-related sits below them.
 """
 
 import json
@@ -47,7 +47,7 @@ LORA_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
 # -----------------------------------------------------------------------------
-# maths (DESIGN.md section 3)
+# maths
 
 def _per_sample(s, x):
     """A float or (B,) tensor of sigmas, broadcastable against x (B, ...)."""
@@ -188,7 +188,7 @@ def resolve_model(model, preset=None):
         return str(model)
     if preset == "tiny":
         if not (TINY_MODEL / "model_index.json").exists():
-            raise FileNotFoundError(f"tiny base not found at {TINY_MODEL}; run `python tinyworld.py`")
+            raise FileNotFoundError(f"tiny base not found at {TINY_MODEL}; run `python pretrain_tiny.py`")
         return str(TINY_MODEL)
     if preset not in (None, "sd35m"):
         raise ValueError(f"unknown preset {preset!r}; use 'tiny' or leave it out for SD3.5-Medium")
@@ -275,7 +275,7 @@ def velocity(policy, x, sigma, cond, guidance):
 def using_adapter(policy, name):
     """Run with one adapter active (or BASE: all disabled), then restore the student.
     peft's set_adapter flips requires_grad, so the student must be re-activated afterwards or
-    a later backward gives it no gradient (DESIGN.md section 4)."""
+    a later backward gives it no gradient."""
     tr = policy.transformer
     if name == BASE:
         if getattr(tr, "_hf_peft_config_loaded", False):
@@ -384,7 +384,7 @@ def decode(policy, latents):
 
 
 # -----------------------------------------------------------------------------
-# LoRA adapters on the one base (DESIGN.md section 4)
+# LoRA adapters on the one base
 
 def lora_config(rank=32, alpha=64, targets=LORA_TARGETS, init="gaussian"):
     from peft import LoraConfig
@@ -585,7 +585,7 @@ def load_adapter(policy, source, name, trainable=False):
 
 
 # -----------------------------------------------------------------------------
-# the tiny pipeline builder (tests use it untrained; tinyworld.py pretrains it)
+# the tiny pipeline builder (tests use it untrained; pretrain_tiny.py pretrains it)
 
 def _clip_vocab(words):
     """A byte-level BPE vocabulary in CLIP's format, with merges that make each given word one

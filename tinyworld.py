@@ -18,42 +18,26 @@ prompt scores low. Rewards share the project-wide signature
 
     scores, info = count_reward(images, prompts, metadata)
 
-with scores a float32 tensor (B,) in [0, 1] (graded partial credit, the training signal) and
-info one dict per image with "strict" (exact pass/fail, the eval metric) and what was read.
+with scores a float32 array (B,) in [0, 1] (graded partial credit, the training signal; rewards.py
+hands them to the stages as a tensor) and info one dict per image with "strict" (exact pass/fail,
+the eval metric) and what was read. The module is only the world: numpy, Pillow and rapidfuzz,
+no torch. Like web data, the world also draws each task's *flaw* (render(row, seed, flawed=True)),
+which that task's reward alone marks down: an extra shape in a colour the prompt does not name
+(count), a grey band across the board (clean), a grey bar under the line that the reader takes
+for the text (text). pretrain_tiny.py (stage 0) trains the tiny base on these pictures.
 
     import tinyworld
     rows = tinyworld.prompt_set("count", "test")          # [{"prompt", "task", "metadata"}]
     images = [tinyworld.render(row, seed=0) for row in rows]
     scores, info = tinyworld.count_reward(images, [r["prompt"] for r in rows],
                                           [r["metadata"] for r in rows])
-
-The tiny base model is pretrained here too (flow matching on rendered prompts, about 20 minutes
-of CPU), then sampled on the test prompts. Like web data, the pictures of its last stretch of
-training are not all faithful: from step PRETRAIN["flaw_from"] on, a share PRETRAIN["flaw_rate"]
-of them carry their task's flaw, which that task's reward alone marks down: an extra shape in a
-colour the prompt does not name (count), a grey band across the board (clean), a grey bar under
-the line that the reader takes for the text (text). No prompt mentions them, so guidance does not
-ask them away: the base draws them often, and a teacher can learn not to, one change shared by
-every prompt of its task. (Flawed pictures from step 0 cost the base its glyphs and counts, and
-then GRPO had nothing to build on.) The shipped assets/tiny/base was made by
-
-    python tinyworld.py --out assets/tiny/base --steps 4600 --seed 0
-
-which also writes assets/tiny/base_scores.json (the base's test scores and this command) and
-assets/tiny/base_grid.png (64 test samples).
 """
 
-import argparse
 import itertools
-import json
-import os
 import re
-import time
 import zlib
-from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from rapidfuzz.distance import Levenshtein
 
@@ -323,7 +307,7 @@ def _draw_text(img, text, rng, bottom=SIZE - 1):
 def render(row, seed, flawed=False):
     """A 32x32 RGB PIL image satisfying the row's metadata; placement and sizes come from the
     seed, so the drawing is deterministic for (row, seed). flawed: add the task's flaw, as a
-    share PRETRAIN["flaw_rate"] of the pretraining pictures have it (see the module docstring)."""
+    share of the pretraining pictures have it (pretrain_tiny.PRETRAIN["flaw_rate"])."""
     rng = _rng(row, seed)
     img = np.full((SIZE, SIZE, 3), WHITE, np.uint8)
     meta = row["metadata"]
@@ -350,15 +334,15 @@ def render(row, seed, flawed=False):
 
 
 def render_batch(rows, seeds, flawed=None):
-    """uint8 tensor (B, 3, 32, 32) of render(row, seed, flawed) for each triple (flawed: None, no flaws)."""
+    """uint8 array (B, 3, 32, 32) of render(row, seed, flawed) for each triple (flawed: None, no flaws)."""
     flawed = [False] * len(rows) if flawed is None else flawed
     arr = np.stack([np.asarray(render(r, s, f)) for r, s, f in zip(rows, seeds, flawed)])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+    return np.ascontiguousarray(arr.transpose(0, 3, 1, 2))
 
 
 def sample_training_batch(rows, batch_size, seed, flaw_rate=0.0):
     """Pretraining data: batch_size rows drawn uniformly from `rows`, each rendered with a fresh
-    seed and, with probability flaw_rate, with its task's flaw. Returns (rows, uint8 tensor
+    seed and, with probability flaw_rate, with its task's flaw. Returns (rows, uint8 array
     (B, 3, 32, 32)). Deterministic for the seed."""
     rng = np.random.default_rng(seed)
     picked = [rows[i] for i in rng.integers(0, len(rows), size=batch_size)]
@@ -370,15 +354,10 @@ def sample_training_batch(rows, batch_size, seed, flaw_rate=0.0):
 
 
 def to_uint8_images(images):
-    """A list of PIL images or (3, H, W) tensors, or a (B, 3, H, W) tensor (uint8, or float in
-    [0, 1]), as a numpy uint8 array (B, H, W, 3)."""
-    if isinstance(images, (list, tuple)) and images and isinstance(images[0], torch.Tensor):
-        images = torch.stack(list(images))
-    if isinstance(images, torch.Tensor):
-        x = images.detach().cpu()
-        if x.is_floating_point():
-            x = (x.clamp(0, 1) * 255).round()
-        return x.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    """A list of PIL images, or a uint8 array (B, H, W, 3) or (B, 3, H, W) as render_batch makes,
+    as a numpy uint8 array (B, H, W, 3). (rewards.py hands the tiny rewards PIL images.)"""
+    if isinstance(images, np.ndarray):
+        return images.transpose(0, 2, 3, 1) if images.shape[1] == 3 and images.shape[-1] != 3 else images
     return np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])
 
 
@@ -485,7 +464,7 @@ def count_reward(images, prompts, metadata):
     """GenEval analogue: counts, colours, shapes and relative positions parsed from the image."""
     results = [score_count(detect_objects(img), meta)
                for img, meta in zip(to_uint8_images(images), metadata)]
-    return torch.tensor([s for s, _ in results], dtype=torch.float32), [i for _, i in results]
+    return np.array([s for s, _ in results], np.float32), [i for _, i in results]
 
 
 def background(img):
@@ -550,7 +529,7 @@ def text_reward(images, prompts, metadata):
         d = Levenshtein.distance(read, target)
         scores.append(1 - min(d, len(target)) / len(target))
         info.append({"strict": read == target, "read": read, "target": target, "distance": d})
-    return torch.tensor(scores, dtype=torch.float32), info
+    return np.array(scores, np.float32), info
 
 
 def score_clean(img):
@@ -584,153 +563,8 @@ def clean_reward(images, prompts, metadata):
     """Aesthetic analogue: flat background, pure colours, crisp edges, no speckle. Ignores the
     prompt, so it scores images of any task."""
     results = [score_clean(img) for img in to_uint8_images(images)]
-    scores = torch.tensor([s for s, _ in results], dtype=torch.float32)
+    scores = np.array([s for s, _ in results], np.float32)
     return scores, [{"strict": s >= CLEAN_STRICT, **i} for s, i in results]
-
-# -----------------------------------------------------------------------------
-# the tiny base: sampling constants and pretraining
-
-# What every stage uses with --preset tiny. Training rollouts keep SD3.5-M's 10 SDE steps;
-# evaluation uses 20 ODE steps (the tiny model's samples stop improving around there).
-# Without T5 an SD3 pipeline pads every prompt with max_sequence_length identical zero tokens;
-# the tiny base is trained and sampled with one, which is 2-3x cheaper than SD3's 256.
-SAMPLING = dict(resolution=SIZE, num_steps=10, eval_steps=20, guidance=4.5, noise_level=0.7, t5_tokens=1)
-# build_tiny_pipeline's size arguments for the base
-BASE_MODEL = dict(patch_size=4, num_layers=6, heads=4, head_dim=32, text_dim=32, text_layers=2, max_tokens=32)
-PRETRAIN = dict(
-    steps=4600,         # about 19 minutes of 2 CPU cores (README)
-    batch_size=32,
-    lr=1e-3,            # AdamW, constant after the warmup, so a run of N steps is a prefix of a longer one
-    warmup=50,
-    weight_decay=0.01,
-    grad_clip=1.0,
-    dropout=0.1,        # share of prompts replaced by "", the negative prompt of our CFG
-    flaw_rate=0.4,      # share of renders drawn with their task's flaw (render(..., flawed=True))...
-    flaw_from=4000,     # ...from this step on; before it every render is faithful (see pretrain)
-    ema=0.99,           # the saved weights are this EMA of the trained ones
-    seed=0,
-)
-EVAL_BATCH = 32
-EVAL_SEED = 0  # test row i (tasks concatenated in TASKS order) starts from initial_noise seed EVAL_SEED + i
-
-
-def new_base(seed, **model):
-    """A randomly initialised tiny pipeline whose tokenizer knows every prompt word and character.
-    The transformer gets DiT's adaLN-zero initialisation (every block starts as the identity,
-    the output at zero), which trains several times faster than diffusers' default init."""
-    from sde_sampler import build_tiny_pipeline
-    pipe = build_tiny_pipeline(None, words=VOCAB_WORDS + list(CHARSET), seed=seed,
-                               **{**BASE_MODEL, **model})
-    tr = pipe.transformer
-    zero = [m.linear for m in tr.modules() if type(m).__name__.startswith(("AdaLayerNorm", "SD35AdaLayerNorm"))]
-    for layer in zero + [tr.proj_out]:
-        torch.nn.init.zeros_(layer.weight)
-        torch.nn.init.zeros_(layer.bias)
-    return pipe
-
-
-def embed_prompts(pipe, prompts):
-    """Prompt embeddings exactly as sde_sampler.encode computes them (the same encode_prompt call),
-    but with gradients, so the text encoders train with the transformer."""
-    e, _, p, _ = pipe.encode_prompt(prompt=list(prompts), prompt_2=None, prompt_3=None,
-                                    do_classifier_free_guidance=False, device=pipe.transformer.device,
-                                    max_sequence_length=SAMPLING["t5_tokens"])
-    return e, p
-
-
-def flow_matching_loss(pipe, prompts, images, generator, dropout):
-    """Rectified-flow loss on a batch of uint8 renders: x_s = (1 - s) x0 + s eps, target
-    v = eps - x0, logit-normal s (SD3's training density), timestep s * 1000."""
-    x0 = images.float() / 127.5 - 1
-    b = x0.shape[0]
-    s = torch.sigmoid(torch.randn(b, generator=generator))
-    eps = torch.randn(x0.shape, generator=generator)
-    drop = torch.rand(b, generator=generator) < dropout
-    e, p = embed_prompts(pipe, ["" if d else t for t, d in zip(prompts, drop.tolist())])
-    sv = s.view(-1, 1, 1, 1)
-    v = pipe.transformer(hidden_states=(1 - sv) * x0 + sv * eps, timestep=s * 1000,
-                         encoder_hidden_states=e, pooled_projections=p, return_dict=False)[0]
-    return torch.nn.functional.mse_loss(v, eps - x0)
-
-
-def pretrain(out, steps, batch_size, lr, seed, model=None, warmup=PRETRAIN["warmup"],
-             weight_decay=PRETRAIN["weight_decay"], grad_clip=PRETRAIN["grad_clip"],
-             dropout=PRETRAIN["dropout"], ema=PRETRAIN["ema"], flaw_rate=PRETRAIN["flaw_rate"],
-             flaw_from=PRETRAIN["flaw_from"], snapshots=(), progress=True):
-    """Train a tiny base from scratch on renders of every task's train prompts and save its EMA
-    weights (fp16) as a diffusers pipeline folder at `out` (None: don't save). The text encoders
-    are random too, so they train jointly. Deterministic for the seed. Returns (pipe, losses);
-    the pipe holds the saved weights. After each step N in `snapshots` the EMA weights also go
-    to `{out}_step{N}`: the same folder as a run with steps=N (the lr is constant after warmup),
-    which is how one run picks how early to stop. Renders are faithful before step flaw_from and
-    flawed at flaw_rate from it on."""
-    from tqdm import tqdm
-    pipe = new_base(seed, **(model or {}))
-    modules = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]
-    for m in modules:
-        m.train()
-    params = [p for m in modules for p in m.parameters()]
-    averaged = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(1, warmup)))
-    rows = [r for t in TASKS for r in prompt_set(t, "train")]
-    g = torch.Generator().manual_seed(seed)
-    losses, avg = [], None
-    bar = tqdm(range(steps), desc="pretrain", disable=not progress)
-    for step in bar:
-        rate = flaw_rate if step >= flaw_from else 0.0
-        picked, images = sample_training_batch(rows, batch_size, seed=[seed, step], flaw_rate=rate)
-        loss = flow_matching_loss(pipe, [r["prompt"] for r in picked], images, g, dropout)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        opt.step()
-        sched.step()
-        decay = min(ema, (1 + step) / (10 + step))  # short memory early, while weights move fast
-        torch._foreach_lerp_(averaged, [p.detach() for p in params], 1 - decay)
-        losses.append(loss.item())
-        avg = losses[-1] if avg is None else 0.95 * avg + 0.05 * losses[-1]
-        bar.set_postfix(loss=f"{avg:.4f}")
-        if out is not None and step + 1 in snapshots and step + 1 < steps:
-            trained = [p.detach().clone() for p in params]
-            _save_weights(pipe, params, averaged, f"{out}_step{step + 1}")
-            _load_weights(params, trained)
-    for m in modules:
-        m.eval()
-    _load_weights(params, averaged)
-    if out is not None:
-        _save_weights(pipe, params, averaged, out)
-    return pipe, losses
-
-
-@torch.no_grad()
-def _load_weights(params, values):
-    for p, v in zip(params, values):
-        p.copy_(v)
-
-
-def _save_weights(pipe, params, values, path):
-    """Save the pipeline holding `values` in fp16 (half the folder; load_policy reads it back in
-    fp32, and so does the pipe left behind, which holds the rounded weights)."""
-    _load_weights(params, values)
-    pipe.to(torch.float16).save_pretrained(path)
-    pipe.to(torch.float32)
-
-
-@torch.no_grad()
-def sample_test_set(policy, eval_steps=SAMPLING["eval_steps"], guidance=SAMPLING["guidance"]):
-    """ODE samples of every task's test prompts (TASKS order) from fixed per-prompt noise.
-    Returns (rows, PIL images)."""
-    from sde_sampler import decode, initial_noise, rollout
-    rows = [r for t in TASKS for r in prompt_set(t, "test")]
-    images = []
-    for i in range(0, len(rows), EVAL_BATCH):
-        chunk = rows[i:i + EVAL_BATCH]
-        x = initial_noise(policy, range(EVAL_SEED + i, EVAL_SEED + i + len(chunk)))
-        out = rollout(policy, [r["prompt"] for r in chunk], eval_steps, guidance, 0.0, latents=x)
-        images += decode(policy, out["latents"])
-    return rows, images
-
 
 def shows_flaw(task, img, info):
     """Whether a sample carries its task's pretraining flaw: a shape in a colour nobody asked for
@@ -741,104 +575,12 @@ def shows_flaw(task, img, info):
     return int(grey.sum()) >= MIN_OBJECT_AREA
 
 
-def score_test_set(rows, images):
-    """Each task's own reward on its test prompts (mean and strict pass rate, and the share of
-    samples with the task's flaw), plus the clean score of every test image (the anchor's view
-    of all tasks)."""
-    rewards = {"count": count_reward, "text": text_reward, "clean": clean_reward}
-    scores = {}
-    for task in TASKS:
-        idx = [i for i, r in enumerate(rows) if r["task"] == task]
-        s, info = rewards[task]([images[i] for i in idx], [rows[i]["prompt"] for i in idx],
-                                [rows[i]["metadata"] for i in idx])
-        scores[task] = {"mean": round(s.mean().item(), 4),
-                        "strict": round(float(np.mean([x["strict"] for x in info])), 4), "n": len(idx),
-                        "flawed": round(float(np.mean([shows_flaw(task, images[i], x) for i, x in zip(idx, info)])), 4)}
-    s, info = clean_reward(images, None, None)
-    scores["clean_all_tasks"] = {"mean": round(s.mean().item(), 4),
-                                 "strict": round(float(np.mean([x["strict"] for x in info])), 4),
-                                 "n": len(images)}
-    return scores
+# -----------------------------------------------------------------------------
+# what every stage samples with under --preset tiny (pretraining is pretrain_tiny.py)
 
-
-def grid(images, cols=8, scale=2, gap=2):
-    """Images side by side on a grey canvas (the renders' background is white)."""
-    w, h = images[0].size
-    rows = (len(images) + cols - 1) // cols
-    canvas = Image.new("RGB", (cols * (w * scale + gap) + gap, rows * (h * scale + gap) + gap), (128,) * 3)
-    for i, im in enumerate(images):
-        r, c = divmod(i, cols)
-        canvas.paste(im.resize((w * scale, h * scale), Image.NEAREST),
-                     (gap + c * (w * scale + gap), gap + r * (h * scale + gap)))
-    return canvas
-
-
-def grid_selection(rows, images):
-    """64 test samples for the grid: 3 rows of count, 3 of text, 2 of clean."""
-    per_task = {"count": 24, "text": 24, "clean": 16}
-    return [im for task, n in per_task.items()
-            for im in [im for r, im in zip(rows, images) if r["task"] == task][:n]]
-
-
-def report(folder, record, pipe=None):
-    """Sample and score the base saved in `folder`; write {folder}_grid.png and {folder}_scores.json
-    (the scores added to `record`). `pipe`, the pipeline in memory that was saved there, if given,
-    must embed prompts as the loaded folder does (fp16 storage aside)."""
-    from sde_sampler import encode, load_policy
-    policy = load_policy(str(folder), device="cpu", t5_tokens=SAMPLING["t5_tokens"])
-    if pipe is not None:
-        probe = [r["prompt"] for t in TASKS for r in prompt_set(t, "test")[:4]] + [""]
-        with torch.no_grad():
-            want = embed_prompts(pipe, probe)
-        got = encode(policy, probe)[:2]
-        assert all(torch.allclose(a, b, atol=1e-2) for a, b in zip(got, want)), "encode != training embeddings"
-    test_rows, images = sample_test_set(policy)
-    scores = score_test_set(test_rows, images)
-    grid(grid_selection(test_rows, images)).save(f"{folder}_grid.png")
-    Path(f"{folder}_scores.json").write_text(json.dumps({**record, "scores": scores}, indent=2) + "\n")
-    for task, s in scores.items():
-        flawed = f"  flawed {s['flawed']:.2f}" if "flawed" in s else ""
-        print(f"{task:16s} mean {s['mean']:.3f}  strict {s['strict']:.3f}  (n={s['n']}){flawed}")
-    print(f"wrote {folder}_grid.png and {folder}_scores.json")
-
-
-def main():
-    parser = argparse.ArgumentParser(description="Pretrain the tiny base, then sample and score it.")
-    parser.add_argument("--out", default="assets/tiny/base")
-    for k in ("steps", "batch_size", "lr", "seed", "flaw_rate", "flaw_from"):
-        parser.add_argument(f"--{k}", type=type(PRETRAIN[k]), default=PRETRAIN[k])
-    parser.add_argument("--snapshots", default="", help="also save and score the EMA weights after these "
-                        "steps (comma-separated), to {out}_stepN; each equals a run with --steps N")
-    args = parser.parse_args()
-    # the budget the base is sized for is 2 CPU cores; OMP_NUM_THREADS=1 lets two runs share them
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
-    snapshots = sorted(int(n) for n in args.snapshots.split(",") if n)
-    out = Path(args.out)
-    rows = sum(len(prompt_set(t, "train")) for t in TASKS)
-    print(f"pretraining {out}: {args.steps} steps x batch {args.batch_size} = "
-          f"{args.steps * args.batch_size} renders of {rows} train prompts, lr {args.lr}, seed {args.seed}")
-    t0 = time.time()
-    pipe, losses = pretrain(out, args.steps, args.batch_size, args.lr, args.seed, flaw_rate=args.flaw_rate,
-                            flaw_from=args.flaw_from, snapshots=snapshots)
-    train_s = time.time() - t0
-    n_params = sum(p.numel() for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2)
-                   for p in m.parameters())
-
-    def command(steps):
-        changed = [f" --{k} {getattr(args, k)}" for k in ("batch_size", "lr", "flaw_rate", "flaw_from")
-                   if getattr(args, k) != PRETRAIN[k]]
-        return f"python tinyworld.py --out {args.out} --steps {steps} --seed {args.seed}" + "".join(changed)
-
-    record = {"pretrain": {**PRETRAIN, **vars(args)}, "model": BASE_MODEL, "params": n_params, "sampling": SAMPLING}
-    for n in snapshots:
-        if n < args.steps:
-            print(f"snapshot after {n} steps:")
-            report(f"{out}_step{n}", {**record, "command": command(n),
-                                      "final_loss": round(float(np.mean(losses[n - 50:n])), 4)})
-    report(out, {**record, "command": command(args.steps), "pretrain_seconds": round(train_s),
-                 "final_loss": round(float(np.mean(losses[-50:])), 4)}, pipe)
-    print(f"pretraining {train_s:.0f} s, total wall time {time.time() - t0:.0f} s")
-
-
-if __name__ == "__main__":
-    main()
+# Training rollouts keep SD3.5-M's 10 SDE steps; evaluation uses 20 ODE steps (the tiny model's
+# samples stop improving around there). Without T5 an SD3 pipeline pads every prompt with
+# max_sequence_length identical zero tokens; the tiny base is trained and sampled with one, which
+# is 2-3x cheaper than SD3's 256.
+SAMPLING = dict(resolution=SIZE, num_steps=10, eval_steps=20, guidance=4.5, noise_level=0.7, t5_tokens=1)
+EVAL_BATCH = 32

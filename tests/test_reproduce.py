@@ -42,7 +42,7 @@ def test_recipe_smoke_runs_every_variant(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     results = json.loads((runs / "eval" / "results.json").read_text())
     assert list(results) == ["merge", "count", "text", "old", "velocity", "velocity_anchor_base",
-                             "velocity_clean_teacher", "preset", "preset_mar0", "preset_mar0.2", "preset_mar1", "fresh"]
+                             "velocity_clean_teacher", "preset", "preset_clean_at_init", "preset_mar0", "preset_mar0.2", "preset_mar1", "fresh"]
     old, preset = (json.loads((runs / n / "config.json").read_text()) for n in ("old", "preset"))
     assert (old["kl_weighting"], preset["kl_weighting"]) == ("flowgrpo", "velocity")
     assert old["anchor"].endswith("clean") and preset["anchor"] == "" and preset["teachers"][-1] == "clean=base"

@@ -340,10 +340,12 @@ def test_unknown_reward_and_bad_specs():
 def test_tiny_world_rewards_are_registered_and_imported_lazily(monkeypatch):
     assert {"count", "text", "clean"} <= set(rewards.REWARDS)
     calls = []
-    world = types.SimpleNamespace(text_reward=lambda *a: calls.append(a) or (torch.ones(1), [{}]))
+    world = types.SimpleNamespace(text_reward=lambda *a: calls.append(a) or (np.ones(1, np.float32), [{}]))
     monkeypatch.setitem(sys.modules, "tinyworld", world)
-    scores, _ = rewards.get_reward("text")(["img"], ['"ab"'], [{}])
-    assert scores.tolist() == [1.0] and calls == [(["img"], ['"ab"'], [{}])]
+    image = Image.new("RGB", (4, 4))
+    scores, _ = rewards.get_reward("text")([image], ['"ab"'], [{}])
+    # called on first use, with PIL images; its numpy scores come back as a tensor
+    assert isinstance(scores, torch.Tensor) and scores.tolist() == [1.0] and calls == [([image], ['"ab"'], [{}])]
 
 
 def test_to_pil_layouts():
