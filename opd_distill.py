@@ -52,7 +52,7 @@ DEFAULTS = dict(
     model="",                  # hub id or pipeline folder; empty: SD3.5-Medium (or the preset's base)
     teachers=[],               # TASK=PATH ... (or a path named after its task: ocr.pt); TASK=base: the base model
     anchor="",                 # MAR anchor LoRA (e.g. an aesthetic/PickScore teacher); empty: the base
-    init="",                   # the student's initial LoRA (merge_coldstart's output); empty: fresh LoRA
+    init="",                   # the student's initial LoRA (merge_coldstart's or sft_coldstart's); empty: fresh
     prompts=[],                # TASK=FILE ...: a task's prompts from a file or split folder; others built in
     out="runs/opd",
     resolution=512,

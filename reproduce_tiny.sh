@@ -44,7 +44,7 @@ for task in count text clean; do
 done
 T="count=$R/count/final text=$R/text/final"
 stage "$R/merge" merge_coldstart.py --teachers $T --method exact
-stage "$R/sft" merge_coldstart.py --teachers $T --method sft "${SFT[@]}"
+stage "$R/sft" sft_coldstart.py --teachers $T "${SFT[@]}"
 # OPD as its preset (README, "The OPD recipe"): clean prompts held at the base, the base as anchor
 O="$T clean=base"
 # the key rows, once per seed: GRPO-Mix, OPD from the merge, OPD from a fresh student

@@ -1,34 +1,16 @@
 """Cold start: merge exactness (deltas and transformer outputs), svd/average against exact, the
-diffusers round trip, teachers of different shapes, bad teachers, and a short SFT run."""
+diffusers round trip, teachers of different shapes, bad teachers."""
 import json
-import warnings
 
 import pytest
 import torch
-from peft import LoraConfig
 
 import merge_coldstart
-from prompts import load_prompts
-from sde_sampler import (LORA_TARGETS, add_student, encode, initial_noise, load_adapter, load_policy, read_lora, rollout, save_adapter,
-                         using_adapter, velocity)
+from conftest import random_teacher as _teacher
+from sde_sampler import add_student, encode, load_adapter, load_policy, read_lora, using_adapter, velocity
 
 PROMPTS = ["a red circle", "the text \"a3\""]
 QKV = ["attn.to_q", "attn.to_k", "attn.to_v"]
-
-
-def _teacher(policy, folder, name, seed, r, alpha, targets=LORA_TARGETS, rank_pattern=None, alpha_pattern=None):
-    """A random LoRA saved as a diffusers folder; the live adapter stays on the policy."""
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, rank_pattern=rank_pattern or {},
-                        alpha_pattern=alpha_pattern or {}, init_lora_weights="gaussian")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        policy.transformer.add_adapter(config, adapter_name=name)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for n, p in policy.transformer.named_parameters():
-            if f".{name}." in n:
-                p.normal_(std=0.1)
-    return save_adapter(policy, name, folder)
 
 
 def _live_deltas(transformer, name):
@@ -58,15 +40,6 @@ def _merge(pipe_dir, out, teachers, **over):
         args += [f"--{k}", str(v)]
     merge_coldstart.main(args)
     return json.loads((out / "merge_report.json").read_text())
-
-
-@pytest.fixture
-def teachers(policy, tmp_path):
-    """Two teachers of different ranks and alphas; one has a per-layer rank and alpha."""
-    t1 = _teacher(policy, tmp_path / "count", "count", 1, r=4, alpha=8,
-                  rank_pattern={"transformer_blocks.0.attn.to_q": 2}, alpha_pattern={"transformer_blocks.0.attn.to_q": 6})
-    t2 = _teacher(policy, tmp_path / "text", "text", 2, r=3, alpha=3)
-    return t1, t2
 
 
 def test_exact_merge_equals_weighted_deltas_and_outputs(policy, tiny_pipe_dir, tmp_path, teachers):
@@ -182,46 +155,8 @@ def test_bad_teachers_stop_naming_the_layer(policy, tiny_pipe_dir, tmp_path, tea
         _merge(tiny_pipe_dir, tmp_path / "x", [str(teachers[0]), str(teachers[1])], method="average")
     with pytest.raises(SystemExit, match="--weights has 1 values for 2 teachers"):
         _merge(tiny_pipe_dir, tmp_path / "x", [str(teachers[0]), str(teachers[1])], weights="1")
+    with pytest.raises(SystemExit, match="--method sft is a training stage of its own: python sft_coldstart.py"):
+        _merge(tiny_pipe_dir, tmp_path / "x", [str(teachers[0]), str(teachers[1])], method="sft")
     with pytest.raises(SystemExit, match="task 'count' has two teachers"):
         _merge(tiny_pipe_dir, tmp_path / "x", [str(teachers[0]), f"count={teachers[1]}"])
     assert not (tmp_path / "x" / "final").exists()
-
-
-def _sft(pipe_dir, out, teachers, **over):
-    cfg = dict(method="sft", resolution=32, samples_per_task=2, sample_steps=2, guidance=1.0, batch_size=4,
-               lr=1e-2, lora_rank=4, lora_alpha=4, max_steps=6, probe_every=0, probe_samples=4, save_every=3)
-    cfg.update(over)
-    _merge(pipe_dir, out, teachers, **cfg)
-    return [r["probe_loss"] for r in map(json.loads, open(out / "metrics.jsonl")) if "probe_loss" in r]
-
-
-def test_sft_samples_the_routed_teachers_and_learns_them(policy, tiny_pipe_dir, tmp_path, teachers):
-    out, args = tmp_path / "sft", [f"count={teachers[0]}", f"text={teachers[1]}"]
-    _sft(tiny_pipe_dir, out, args)
-    cache = out / "sft_samples.0-of-1.pt"
-    samples = torch.load(cache, weights_only=True)
-    # each task's train prompts sampled (ODE) by that task's teacher, one seed per sample (seed + index)
-    for i, task in enumerate(["count", "count", "text", "text"]):
-        assert samples["prompts"][i] in [r["prompt"] for r in load_prompts(task, "train")]
-        x = initial_noise(policy, [i])
-        want = rollout(policy, [samples["prompts"][i]], 2, 1.0, 0.0, latents=x, adapter=task)["latents"]
-        assert (samples["latents"][i] - want[0]).abs().max() < 1e-4
-    assert (out / "final" / "pytorch_lora_weights.safetensors").exists() and (out / "checkpoint-000006").exists()
-    report = json.loads((out / "merge_report.json").read_text())
-    assert report["method"] == "sft" and report["rel_error"] > 0
-    # resume: continues from the newest checkpoint, reuses the cached samples, and the fixed-noise
-    # flow-matching loss on the teachers' samples has gone down from the start
-    mtime = cache.stat().st_mtime_ns
-    probes = _sft(tiny_pipe_dir, out, args + ["--resume"], max_steps=12)
-    assert cache.stat().st_mtime_ns == mtime
-    steps = [r["step"] for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]
-    assert steps == list(range(1, 13))
-    assert probes[-1] < probes[0] - 0.01, probes
-
-
-def test_sft_sample_cache_key_holds_everything_that_changes_a_sample():
-    from merge_coldstart import DEFAULTS, sample_key
-    key = sample_key(DEFAULTS)
-    for k, other in [("t5_tokens", 77), ("guidance", 1.0), ("resolution", 256), ("seed", 1), ("model", "x")]:
-        assert sample_key({**DEFAULTS, k: other}) != key, k
-    assert sample_key({**DEFAULTS, "lr": 0.5}) == key  # training settings do not change the samples

@@ -1,0 +1,243 @@
+"""
+Cold start by SFT: ODE samples of every teacher on its own task's training prompts, then a fresh
+student LoRA trained on them with the flow-matching loss. The result is the --init of
+opd_distill.py. (Merging the teachers' LoRAs instead is merge_coldstart.py: no sampling, no
+training, no GPU. SFT is a training stage, so it is a script of its own, with its own
+checkpoints and --resume.)
+
+    python sft_coldstart.py --preset tiny --teachers count=runs/count/final text=runs/text/final --out runs/sft
+    torchrun --nproc_per_node=2 sft_coldstart.py --preset tiny --teachers ... --out runs/sft
+    torchrun --nproc_per_node=8 sft_coldstart.py --teachers ocr=PATH geneval=PATH --out runs/sft   # SD3.5-M
+    python opd_distill.py --preset tiny --init runs/sft/final --out runs/opd_from_sft
+
+The teachers' samples are cached in --out (one file per rank, keyed by everything that changes a
+sample), so a resumed run trains on the same set. metrics.jsonl holds the training loss and a
+probe: the flow-matching loss on fixed samples, noise and sigmas, whose curve shows learning
+rather than the sampling noise of the batches.
+"""
+
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import common
+from prompts import load_prompts
+from sde_sampler import (add_student, encode, initial_noise, load_adapter, load_policy, read_lora, resolve_model,
+                         rollout, velocity)
+from tinyworld import SAMPLING as TINY
+
+# -----------------------------------------------------------------------------
+# defaults: SD3.5-Medium; --preset tiny swaps in the tiny world
+DEFAULTS = dict(
+    model="",                 # hub id or pipeline folder; empty: SD3.5-Medium (or the preset's base)
+    teachers=[],              # task=LORA or a bare LORA path (its task: the file/folder name)
+    out="runs/sft",
+    resolution=512,
+    t5_tokens=256,            # T5 tokens per prompt (max_sequence_length); the tiny base has no T5 and uses 1
+    samples_per_task=1000,    # teacher samples per task, on that task's train prompts (cycled if fewer)
+    sample_steps=40,          # ODE steps per teacher sample (the eval setting: the teachers' best images)
+    guidance=4.5,             # CFG when sampling the teachers and in the student's training forward
+    batch_size=8,             # samples per forward pass, per rank (sampling and training)
+    lr=1e-4,
+    weight_decay=1e-4,
+    max_grad_norm=1.0,
+    lora_rank=32,             # the student's LoRA (Flow-GRPO's shape)
+    lora_alpha=64,
+    logit_mean=0.0,           # training sigmas s = sigmoid(N(logit_mean, logit_std)), SD3's logit-normal
+    logit_std=1.0,
+    max_steps=1000,
+    probe_every=100,          # fixed-noise flow-matching loss on held samples (0: only at start and end)
+    probe_samples=32,         # per rank
+    save_every=100,
+    seed=0,
+)
+PRESETS = {
+    "tiny": dict(resolution=TINY["resolution"], t5_tokens=TINY["t5_tokens"], sample_steps=TINY["eval_steps"],
+                 guidance=TINY["guidance"], samples_per_task=128, batch_size=16, lr=1e-3, lora_rank=8, lora_alpha=16,
+                 max_steps=300, probe_every=50, probe_samples=32, save_every=100),
+}
+
+
+# -----------------------------------------------------------------------------
+# the maths and the teachers' samples
+
+def noisy(x0, eps, s):
+    """x_s = (1 - s) x0 + s eps, s per sample."""
+    s = s.view(-1, *([1] * (x0.dim() - 1)))
+    return (1 - s) * x0 + s * eps
+
+
+def flow_matching_loss(v, x0, eps):
+    """The plain rectified-flow loss: the velocity's target is eps - x0."""
+    return ((v - (eps - x0)) ** 2).mean()
+
+
+def sample_key(cfg):
+    """What the cached teacher samples depend on: a cache with another key is sampled again."""
+    return {k: cfg[k] for k in ("model", "teachers", "samples_per_task", "sample_steps", "guidance", "resolution",
+                                "t5_tokens", "seed")}
+
+
+def teacher_samples(policy, cfg, names, rows, rank, world, cache):
+    """ODE samples (latents) of every teacher on its own task's train prompts, this rank's share.
+    Each sample has its own seed (seed + its global index), so the set does not depend on the batch
+    size; it is cached in --out, keyed by everything that changes it."""
+    key = sample_key(cfg)
+    if cache.exists():
+        saved = torch.load(cache, map_location="cpu", weights_only=True)
+        if saved["key"] == key:
+            print(f"rank {rank}: {len(saved['prompts'])} teacher samples from {cache}")
+            return saved["prompts"], saved["latents"]
+    plan = []
+    for n in names:
+        order = list(rows[n])
+        random.Random(cfg["seed"]).shuffle(order)
+        plan += [(n, order[i % len(order)]["prompt"]) for i in range(cfg["samples_per_task"])]
+    mine = list(range(rank, len(plan), world))
+    prompts, latents = [], []
+    policy.transformer.eval()
+    bar = tqdm(total=len(mine), disable=rank != 0, desc="teacher samples")
+    for n in names:  # one adapter at a time: routing by task
+        idx = [i for i in mine if plan[i][0] == n]
+        for j in range(0, len(idx), cfg["batch_size"]):
+            chunk = idx[j:j + cfg["batch_size"]]
+            batch = [plan[i][1] for i in chunk]
+            x = initial_noise(policy, [cfg["seed"] + i for i in chunk])
+            latents.append(rollout(policy, batch, cfg["sample_steps"], cfg["guidance"], 0.0, latents=x,
+                                   adapter=n)["latents"].float().cpu())
+            prompts += batch
+            bar.update(len(chunk))
+    bar.close()
+    latents = torch.cat(latents)
+    tmp = cache.with_name(cache.name + ".tmp")
+    torch.save({"key": key, "prompts": prompts, "latents": latents}, tmp)
+    tmp.replace(cache)
+    return prompts, latents
+
+
+def fm_batch(n, batch_size, shape, generator, logit_mean, logit_std, idx=None):
+    """Indices, noise and logit-normal sigmas of one training (or probe) batch."""
+    idx = torch.randint(n, (batch_size,), generator=generator) if idx is None else idx
+    eps = torch.randn((len(idx), *shape), generator=generator)
+    s = torch.sigmoid(logit_mean + logit_std * torch.randn(len(idx), generator=generator))
+    return idx, eps, s
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = common.parse_config(DEFAULTS, PRESETS, argv, description=__doc__.split("\n\n")[0])
+    rank, world, device = common.setup_dist()
+    master = rank == 0
+    out = Path(cfg["out"])
+    with common.startup_errors():
+        teachers = common.parse_teachers(cfg["teachers"])
+        if not teachers:
+            raise ValueError("no teachers: pass --teachers TASK=LORA ...")
+        if cfg["samples_per_task"] < 1 or cfg["batch_size"] < 1:
+            raise ValueError("--samples_per_task and --batch_size must be positive")
+        names, sources = list(teachers), list(teachers.values())
+        for s in sources:  # every file readable before the pipeline loads; its layers are checked on loading
+            read_lora(s)
+        rows = {n: load_prompts(n, "train") for n in names}
+        resume_from = common.prepare_out(out, cfg["resume"])
+        cfg["model"] = resolve_model(cfg["model"], cfg["preset"])
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        common.write_json(out / "config.json", cfg)
+        for n, s in teachers.items():
+            print(f"teacher {n}: {s}")
+    torch.manual_seed(cfg["seed"])  # the student's initial A: the same on every rank
+    policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"], t5_tokens=cfg["t5_tokens"])
+    with common.startup_errors():
+        for n, s in zip(names, sources):
+            load_adapter(policy, s, n)
+    if resume_from is not None:
+        params = add_student(policy, init=resume_from)
+    else:
+        params = add_student(policy, rank=cfg["lora_rank"], alpha=cfg["lora_alpha"])
+    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    step = 0
+    if resume_from is not None:
+        state = common.load_training_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        if master:
+            print(f"resumed from {resume_from} at step {step}")
+    if master:
+        print(f"sft: {len(names)} teachers x {cfg['samples_per_task']} ODE samples ({cfg['sample_steps']} steps, "
+              f"guidance {cfg['guidance']}) over {world} rank(s); then {cfg['max_steps']} steps x {cfg['batch_size']} "
+              f"samples per rank = {cfg['batch_size'] * world} per step, student LoRA r={cfg['lora_rank']} "
+              f"alpha={cfg['lora_alpha']}")
+    prompts, latents = teacher_samples(policy, cfg, names, rows, rank, world,
+                                       out / f"sft_samples.{rank}-of-{world}.pt")
+    shape = latents.shape[1:]
+
+    # The student is trained and used with CFG: its *guided* velocity v_u + w (v_c - v_u) is fit to
+    # the teachers' samples, which were themselves drawn with CFG. The guided velocity is what
+    # sampling and opd_distill.py use (distilled velocities are guided ones), so its flow-matching
+    # minimiser reproduces the teachers' sample distribution under the same guidance. Training the
+    # conditional velocity alone would fit guided samples and then be guided once more at sampling.
+    def loss_on(idx, eps, s):
+        x0 = latents[idx].to(device)
+        eps = eps.to(device)
+        v = velocity(policy, noisy(x0, eps, s.to(device)), s.to(device), encode(policy, [prompts[i] for i in idx]),
+                     cfg["guidance"])
+        return flow_matching_loss(v, x0, eps)
+
+    # the probe: the loss on fixed samples (spread over the tasks), noise and sigmas, so that its
+    # curve shows learning rather than the sampling noise of the training batches
+    n_probe = min(cfg["probe_samples"], len(prompts))
+    probe = fm_batch(len(prompts), n_probe, shape, torch.Generator().manual_seed(cfg["seed"] + 7), cfg["logit_mean"],
+                     cfg["logit_std"], idx=torch.linspace(0, len(prompts) - 1, n_probe).long())
+
+    @torch.no_grad()
+    def probe_loss():
+        b = cfg["batch_size"]
+        total = sum(loss_on(*(t[i:i + b] for t in probe)).item() * len(probe[0][i:i + b]) for i in range(0, n_probe, b))
+        return common.all_mean(total / n_probe).item()
+
+    def log_probe(step):
+        value = probe_loss()
+        if master:
+            common.log_metrics(out, {"step": step, "probe_loss": value})
+            tqdm.write(f"step {step}: probe flow-matching loss {value:.4f}")
+
+    if step == 0:
+        log_probe(0)
+    policy.transformer.train()
+    bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, desc="sft")
+    while step < cfg["max_steps"]:
+        t0 = time.time()
+        gen = common.step_generator("cpu", cfg["seed"], step, rank)
+        loss = loss_on(*fm_batch(len(prompts), cfg["batch_size"], shape, gen, cfg["logit_mean"], cfg["logit_std"]))
+        loss.backward()
+        common.sync_grads(params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["max_grad_norm"]).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        record = {"step": step, "loss": common.all_mean(loss.item()).item(), "grad_norm": grad_norm,
+                  "sec": time.time() - t0}
+        if master:
+            common.log_metrics(out, record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            bar.update(1)
+        if (cfg["probe_every"] and step % cfg["probe_every"] == 0) or step == cfg["max_steps"]:
+            log_probe(step)
+        if master and (step % cfg["save_every"] == 0 or step == cfg["max_steps"]):
+            common.save_checkpoint(policy, out, step, {"step": step, "optimizer": optimizer.state_dict()}, cfg)
+        common.barrier()
+    bar.close()
+    common.finish_run(policy, params, out, cfg)
+    if master:
+        print(f"done: {out / 'final'}")
+    common.cleanup_dist()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
