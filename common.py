@@ -185,9 +185,9 @@ def sync_grads(params):
 def check_in_sync(params):
     """Every rank must hold the same weights after an optimizer step; a silent divergence (a
     missed all-reduce, a rank-dependent branch) would otherwise only show up as bad results.
-    Returns the largest difference to rank 0 and raises if it is not exactly zero."""
+    Raises if any rank's weights differ from rank 0's at all."""
     if not dist.is_initialized():
-        return 0.0
+        return
     flat = _comm(torch.cat([p.detach().float().reshape(-1) for p in params]))
     ref = flat.clone()
     dist.broadcast(ref, 0)
@@ -195,7 +195,6 @@ def check_in_sync(params):
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     if diff.item() != 0:
         raise RuntimeError(f"ranks hold different weights (max |diff| {diff.item():.3e})")
-    return 0.0
 
 
 def barrier():
@@ -400,21 +399,23 @@ def evaluate(policy, rows, num_steps, guidance, batch_size, seed=0, adapter=None
             scores, info = get_reward(task)([images[n] for n in sel], [batch[n]["prompt"] for n in sel],
                                             [batch[n]["metadata"] for n in sel])
             for n, s, inf in zip(sel, scores.tolist(), info):
-                results.append((idx[n], s, inf, images[n]))
-    gathered = sorted((r for part in all_gather_objects(results) for r in part), key=lambda r: r[0])
-    details = [{"row": jobs[g[0]][0], "prompt": rows[jobs[g[0]][0]]["prompt"], "task": rows[jobs[g[0]][0]]["task"],
-                "seed": jobs[g[0]][1], "score": g[1], **{k: v for k, v in g[2].items() if _jsonable(v)}}
-               for g in gathered]
+                results.append({"job": idx[n], "score": s, "info": inf, "image": images[n]})
+    gathered = sorted((r for part in all_gather_objects(results) for r in part), key=lambda r: r["job"])
+    details = []
+    for g in gathered:
+        i, image_seed = jobs[g["job"]]
+        details.append({"row": i, "prompt": rows[i]["prompt"], "task": rows[i]["task"], "seed": image_seed,
+                        "score": g["score"], **{k: v for k, v in g["info"].items() if _jsonable(v)}})
     summary = {}
     for task in dict.fromkeys(r["task"] for r in rows):
         mine_t = [(d, g) for d, g in zip(details, gathered) if d["task"] == task]
-        strict = [bool(g[2]["strict"]) for _, g in mine_t if "strict" in g[2]]
+        strict = [bool(g["info"]["strict"]) for _, g in mine_t if "strict" in g["info"]]
         per_prompt = torch.tensor(list(prompt_means([d for d, _ in mine_t]).values()))
         summary[task] = {"mean": sum(d["score"] for d, _ in mine_t) / len(mine_t), "n": len(mine_t),
                          "se": standard_error(per_prompt)}
         if strict:
             summary[task]["strict"] = sum(strict) / len(strict)
-    return summary, [g[3] for g in gathered], details
+    return summary, [g["image"] for g in gathered], details
 
 
 def prompt_means(details):

@@ -205,7 +205,7 @@ def distill_micro_batch(policy, prompts, routed, anchor, sigmas, trained_steps, 
         mars.append(mar)
         x = x_next
     if replay:  # --loss pg/both with gamma > 0: returns-to-go through the surrogate, a second pass
-        returns = returns_to_go(torch.stack([r[3] for r in replay], 1), cfg["gamma"])
+        returns = returns_to_go(torch.stack([adv for *_, adv in replay], 1), cfg["gamma"])
         for j, (x, x_next, old_log_prob, _) in enumerate(replay):
             s, s_next = sigmas[j].item(), sigmas[j + 1].item()
             v = velocity(policy, x, s, cond, g)

@@ -233,10 +233,7 @@ def main(argv=None):
             common.save_checkpoint(policy, out, step, {"step": step, "optimizer": optimizer.state_dict()}, cfg)
         common.barrier()
     bar.close()
-    common.finish_run(policy, params, out, cfg)
-    if master:
-        print(f"done: {out / 'final'}")
-    common.cleanup_dist()
+    common.finish_run(policy, params, out, cfg)  # final/, "done", and the process group closed
 
 
 if __name__ == "__main__":
