@@ -4,9 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_bench_runs_all_parts_and_lora_teachers_cost_their_adapter():
     out = subprocess.run([sys.executable, "bench.py", "--repeats", "1", "--batch", "2", "--steps", "2",
                           "--train_steps", "2"], cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -5,12 +5,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINTS = ["base", "count", "text", "clean", "grpo_mix@s0", "grpo_mix@s1", "merge", "sft", "opd@s0", "opd@s1",
                "opd_fresh@s0", "opd_fresh@s1", "opd_mar0", "opd_mar0.2", "opd_mar1", "opd_anchor_clean", "opd_pg",
                "opd_from_sft"]
 
 
+@pytest.mark.slow
 def test_smoke_chain_then_resume_skips(tmp_path):
     runs = tmp_path / "runs"
     env = {**os.environ, "SMOKE": "1", "SEEDS": "0 1", "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable}
@@ -34,6 +37,7 @@ def test_smoke_chain_then_resume_skips(tmp_path):
     assert f"add to {stages} s over every invocation" in again.stdout
 
 
+@pytest.mark.slow
 def test_recipe_smoke_runs_every_variant(tmp_path):
     runs = tmp_path / "recipe"
     env = {**os.environ, "SMOKE": "1", "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable}
