@@ -304,10 +304,22 @@ def test_torchrun_two_ranks(tiny_pipe_dir, tmp_path):
 
 def test_quickstart_preset_runs_on_shipped_assets(tmp_path):
     """The README quickstart (`opd_distill.py --preset tiny`) on the shipped base and teachers,
-    cut to one step: routing, both teachers, the anchor, a saved final LoRA."""
+    cut to one step: routing, both teachers, the anchor, a saved final LoRA; then the README's
+    eval command of its result, as written there, cut to 2 prompts, 2 ODE steps and 1 image."""
+    import re
+    import shlex
+    import eval as evaluation
     out = tmp_path / "opd"
     opd_distill.main(["--preset", "tiny", "--out", str(out), "--max_steps", "1", "--eval_every", "0",
                       "--prompts_per_step", "2", "--batch_size", "8"])
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["step"] == 1 and record["kl"] > 0 and record["mar_kl"] > 0
     assert (out / "final" / "pytorch_lora_weights.safetensors").exists()
+    readme = (REPO / "README.md").read_text().replace("\\\n", " ")
+    line = re.search(r"^ +(python eval\.py --preset tiny --ckpt merge=assets/tiny/merge .*opd=runs/opd/final.*)$",
+                     readme, re.M).group(1)
+    args = [a.replace("runs/opd/final", str(out / "final")) for a in shlex.split(line)[2:]]
+    args[args.index("--out") + 1] = str(tmp_path / "eval_opd")
+    evaluation.main(args + ["--num_prompts", "2", "--eval_steps", "2", "--images_per_prompt", "1"])
+    results = json.loads((tmp_path / "eval_opd" / "results.json").read_text())
+    assert list(results) == ["merge", "count", "text", "opd"] and set(results["opd"]) >= {"count", "text"}
