@@ -118,7 +118,7 @@ def transition_kl(v_student, v_teacher, sigma, sigma_next, noise_level, weightin
     raise ValueError(f"unknown kl weighting {weighting!r}; use 'flowgrpo', 'exact' or 'velocity'")
 
 
-def cfg(v_uncond, v_cond, guidance):
+def guide(v_uncond, v_cond, guidance):
     """Classifier-free guidance. Distilled velocities are guided velocities, as the authors do."""
     return v_uncond + guidance * (v_cond - v_uncond)
 
@@ -267,7 +267,7 @@ def velocity(policy, x, sigma, cond, guidance):
                                  encoder_hidden_states=torch.cat([ne, e]),
                                  pooled_projections=torch.cat([npool, p]), return_dict=False)[0].float()
     v_uncond, v_cond = out.chunk(2)
-    return cfg(v_uncond, v_cond, guidance)
+    return guide(v_uncond, v_cond, guidance)
 
 
 @contextmanager

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sde_sampler import (BASE, adapter_velocities, add_student, cfg, encode, load_adapter, noise_scale, rollout,
+from sde_sampler import (BASE, adapter_velocities, add_student, encode, guide, load_adapter, noise_scale, rollout,
                          rollout_batches, save_adapter, sd3_sigmas, sde_step, transition_kl, using_adapter, velocity)
 
 
@@ -102,8 +102,8 @@ def test_velocity_weighting_weights_every_step_alike():
 
 def test_cfg_and_noise_scale():
     u, c = torch.tensor([1.0]), torch.tensor([3.0])
-    assert cfg(u, c, 4.5).item() == 1 + 4.5 * 2
-    assert cfg(u, c, 1.0).item() == 3.0
+    assert guide(u, c, 4.5).item() == 1 + 4.5 * 2
+    assert guide(u, c, 1.0).item() == 3.0
     s = torch.tensor(0.5)
     assert abs(noise_scale(s, torch.tensor(0.4), 0.7).item() - 0.7) < 1e-6
 
