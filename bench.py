@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from sde_sampler import TINY_MODEL, add_student, build_tiny_pipeline, encode, load_adapter, load_policy, rollout, save_adapter
+from pretrain_tiny import build_tiny_pipeline
+from sde_sampler import TINY_MODEL, add_student, encode, load_adapter, load_policy, rollout, save_adapter
 from tinyworld import SAMPLING, VOCAB_WORDS
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

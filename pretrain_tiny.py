@@ -49,11 +49,70 @@ PRETRAIN = dict(
 EVAL_BATCH = 32
 
 
+# -----------------------------------------------------------------------------
+# the tiny pipeline: a random StableDiffusion3Pipeline of the tiny world's shape (the tests use it
+# untrained, at their own sizes; pretrain() trains the base from it)
+
+def _clip_vocab(words):
+    """A byte-level BPE vocabulary in CLIP's format, with merges that make each given word one
+    token: CLIPTokenizer needs vocab.json and merges.txt, and the hub is out of reach."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    extra = [b for b in range(256) if b not in keep]
+    chars = [chr(b) for b in keep] + [chr(256 + i) for i in range(len(extra))]
+    vocab = chars + [c + "</w>" for c in chars]
+    merges, seen = [], set(vocab)
+    for w in dict.fromkeys(w.lower() for w in words if w.isalpha() and len(w) > 1):
+        toks = list(w[:-1]) + [w[-1] + "</w>"]
+        while len(toks) > 1:
+            merged = toks[0] + toks[1]
+            if merged not in seen:
+                merges.append(f"{toks[0]} {toks[1]}")
+                vocab.append(merged)
+                seen.add(merged)
+            toks = [merged] + toks[2:]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(vocab)}, merges
+
+
+def build_tiny_pipeline(out_dir=None, words=(), seed=0, size=32, patch_size=2, num_layers=4,
+                        heads=4, head_dim=32, text_dim=32, text_layers=2, max_tokens=32):
+    """A randomly initialised StableDiffusion3Pipeline small enough for a CPU: pixel space
+    (no VAE, 3 channels), two tiny CLIP text encoders, no T5. Saved with save_pretrained when
+    out_dir is given, so it loads like any pipeline folder (via load_policy)."""
+    import tempfile
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+    torch.manual_seed(seed)
+    vocab, merges = _clip_vocab(words)
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "vocab.json").write_text(json.dumps(vocab))
+        Path(d, "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n")
+        tokenizer = CLIPTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"),
+                                  model_max_length=max_tokens)
+    text_cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=text_dim, intermediate_size=2 * text_dim,
+                              num_hidden_layers=text_layers, num_attention_heads=2,
+                              max_position_embeddings=max_tokens, projection_dim=text_dim,
+                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+    transformer = SD3Transformer2DModel(
+        sample_size=size, patch_size=patch_size, in_channels=3, out_channels=3, num_layers=num_layers,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=2 * text_dim,
+        caption_projection_dim=heads * head_dim, pooled_projection_dim=2 * text_dim,
+        pos_embed_max_size=size // patch_size)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None,
+        text_encoder=CLIPTextModelWithProjection(text_cfg), tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(text_cfg), tokenizer_2=tokenizer,
+        text_encoder_3=None, tokenizer_3=None)
+    if out_dir is not None:
+        pipe.save_pretrained(out_dir)
+    return pipe
+
+
 def new_base(seed, **model):
     """A randomly initialised tiny pipeline whose tokenizer knows every prompt word and character.
     The transformer gets DiT's adaLN-zero initialisation (every block starts as the identity,
     the output at zero), which trains several times faster than diffusers' default init."""
-    from sde_sampler import build_tiny_pipeline
     pipe = build_tiny_pipeline(None, words=VOCAB_WORDS + list(CHARSET), seed=seed,
                                **{**BASE_MODEL, **model})
     tr = pipe.transformer

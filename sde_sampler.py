@@ -12,21 +12,21 @@ The shared core of every stage: the flow-matching SDE maths, the rollout loop, a
 Convention (SD3): sigma = 1 is pure noise, sigma = 0 is data, x_s = (1 - s) x0 + s eps and the
 network predicts v = eps - x0. Sampling walks the scheduler's sigmas from 1 down to 0.
 
-The maths functions are pure and small, each with its derivation in the docstring, and tested
-against torch.distributions; everything model-related sits below them.
+Sections, top to bottom: the maths (pure and small, each with its derivation in the docstring);
+the SD3 backbone (loading, prompt encoding, the velocity call, decoding, the schedule), the only
+part that knows the model family; the sampling loops, with any adapter; LoRA adapters on the
+one base. (The tiny world's random pipeline is built by pretrain_tiny.build_tiny_pipeline.)
 """
 
 import json
 import logging
 import math
-import os
 import shutil
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -47,7 +47,8 @@ LORA_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
 # -----------------------------------------------------------------------------
-# maths
+# maths: pure functions of tensors (the SDE step and its log-prob, the transition KL, CFG, GRPO's
+# advantages and clipped surrogate), each checked against torch.distributions or a direct computation
 
 def _per_sample(s, x):
     """A float or (B,) tensor of sigmas, broadcastable against x (B, ...)."""
@@ -144,16 +145,10 @@ def ppo_loss(log_prob, old_log_prob, advantages, clip_range):
     return torch.maximum(unclipped, clipped).mean(), ((ratio - 1).abs() > clip_range).float().mean()
 
 
-def sd3_sigmas(scheduler_config, num_steps):
-    """The scheduler's sigmas for num_steps steps (shift applied), from ~1 down to a final 0."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    sched = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-    sched.set_timesteps(num_steps)
-    return sched.sigmas.float().cpu()
-
-
 # -----------------------------------------------------------------------------
-# policy: one pipeline, prompt-embedding cache, LoRA adapters
+# SD3: the backbone. Everything that knows the model family is here; a second backbone (FLUX.1, say)
+# would be a sibling section with the same names: Policy, resolve_model, load_policy, encode,
+# velocity, decode, initial_noise and its schedule (sd3_sigmas)
 
 @dataclass
 class Policy:
@@ -270,6 +265,37 @@ def velocity(policy, x, sigma, cond, guidance):
     return guide(v_uncond, v_cond, guidance)
 
 
+@torch.no_grad()
+def decode(policy, latents):
+    """Latents -> list of PIL images. Without a VAE the latents are pixels in [-1, 1]."""
+    vae = policy.pipe.vae
+    if vae is None:
+        images = latents.float()
+    else:
+        z = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        images = vae.decode(z, return_dict=False)[0].float()
+    images = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return [Image.fromarray(a) for a in images.permute(0, 2, 3, 1).cpu().numpy()]
+
+
+def initial_noise(policy, seeds):
+    """Starting latents with one seed per sample, so a prompt sees the same noise whatever
+    batch it lands in and whichever checkpoint samples it."""
+    return torch.stack([torch.randn(policy.latent_shape, generator=torch.Generator().manual_seed(int(s)))
+                        for s in seeds]).to(policy.device)
+
+
+def sd3_sigmas(scheduler_config, num_steps):
+    """The scheduler's sigmas for num_steps steps (shift applied), from ~1 down to a final 0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    sched = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    sched.set_timesteps(num_steps)
+    return sched.sigmas.float().cpu()
+
+
+# -----------------------------------------------------------------------------
+# sampling with any adapter: the loops over the backbone's functions (peft's adapters, not SD3's)
+
 @contextmanager
 def using_adapter(policy, name):
     """Run with one adapter active (or BASE: all disabled), then restore the student.
@@ -288,13 +314,6 @@ def using_adapter(policy, name):
             tr.enable_adapters()
         if policy.student is not None:
             tr.set_adapter(policy.student)
-
-
-def initial_noise(policy, seeds):
-    """Starting latents with one seed per sample, so a prompt sees the same noise whatever
-    batch it lands in and whichever checkpoint samples it."""
-    return torch.stack([torch.randn(policy.latent_shape, generator=torch.Generator().manual_seed(int(s)))
-                        for s in seeds]).to(policy.device)
 
 
 @torch.no_grad()
@@ -367,19 +386,6 @@ def rollout_batches(policy, prompts, batch_size, **kwargs):
     merged = {k: torch.cat([o[k] for o in outs]) for k in ("states", "next_states", "log_probs", "latents")}
     merged["sigmas"] = outs[0]["sigmas"]
     return merged
-
-
-@torch.no_grad()
-def decode(policy, latents):
-    """Latents -> list of PIL images. Without a VAE the latents are pixels in [-1, 1]."""
-    vae = policy.pipe.vae
-    if vae is None:
-        images = latents.float()
-    else:
-        z = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        images = vae.decode(z, return_dict=False)[0].float()
-    images = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-    return [Image.fromarray(a) for a in images.permute(0, 2, 3, 1).cpu().numpy()]
 
 
 # -----------------------------------------------------------------------------
@@ -581,62 +587,3 @@ def load_adapter(policy, source, name, trainable=False):
     if policy.student is not None and not trainable:
         tr.set_adapter(policy.student)
     return name
-
-
-# -----------------------------------------------------------------------------
-# the tiny pipeline builder (tests use it untrained; pretrain_tiny.py pretrains it)
-
-def _clip_vocab(words):
-    """A byte-level BPE vocabulary in CLIP's format, with merges that make each given word one
-    token: CLIPTokenizer needs vocab.json and merges.txt, and the hub is out of reach."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    extra = [b for b in range(256) if b not in keep]
-    chars = [chr(b) for b in keep] + [chr(256 + i) for i in range(len(extra))]
-    vocab = chars + [c + "</w>" for c in chars]
-    merges, seen = [], set(vocab)
-    for w in dict.fromkeys(w.lower() for w in words if w.isalpha() and len(w) > 1):
-        toks = list(w[:-1]) + [w[-1] + "</w>"]
-        while len(toks) > 1:
-            merged = toks[0] + toks[1]
-            if merged not in seen:
-                merges.append(f"{toks[0]} {toks[1]}")
-                vocab.append(merged)
-                seen.add(merged)
-            toks = [merged] + toks[2:]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(vocab)}, merges
-
-
-def build_tiny_pipeline(out_dir=None, words=(), seed=0, size=32, patch_size=2, num_layers=4,
-                        heads=4, head_dim=32, text_dim=32, text_layers=2, max_tokens=32):
-    """A randomly initialised StableDiffusion3Pipeline small enough for a CPU: pixel space
-    (no VAE, 3 channels), two tiny CLIP text encoders, no T5. Saved with save_pretrained when
-    out_dir is given, so it loads like any pipeline folder (via load_policy)."""
-    import tempfile
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
-    torch.manual_seed(seed)
-    vocab, merges = _clip_vocab(words)
-    with tempfile.TemporaryDirectory() as d:
-        Path(d, "vocab.json").write_text(json.dumps(vocab))
-        Path(d, "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n")
-        tokenizer = CLIPTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"),
-                                  model_max_length=max_tokens)
-    text_cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=text_dim, intermediate_size=2 * text_dim,
-                              num_hidden_layers=text_layers, num_attention_heads=2,
-                              max_position_embeddings=max_tokens, projection_dim=text_dim,
-                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                              pad_token_id=tokenizer.pad_token_id)
-    transformer = SD3Transformer2DModel(
-        sample_size=size, patch_size=patch_size, in_channels=3, out_channels=3, num_layers=num_layers,
-        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=2 * text_dim,
-        caption_projection_dim=heads * head_dim, pooled_projection_dim=2 * text_dim,
-        pos_embed_max_size=size // patch_size)
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None,
-        text_encoder=CLIPTextModelWithProjection(text_cfg), tokenizer=tokenizer,
-        text_encoder_2=CLIPTextModelWithProjection(text_cfg), tokenizer_2=tokenizer,
-        text_encoder_3=None, tokenizer_3=None)
-    if out_dir is not None:
-        pipe.save_pretrained(out_dir)
-    return pipe

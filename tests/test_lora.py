@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from sde_sampler import (BASE, add_student, build_tiny_pipeline, encode, load_adapter, load_policy, save_adapter,
+from pretrain_tiny import build_tiny_pipeline
+from sde_sampler import (BASE, add_student, encode, load_adapter, load_policy, save_adapter,
                          using_adapter, velocity)
 
 PROMPTS = ["a red circle", "a blue square"]

@@ -12,7 +12,8 @@ import torch
 
 import opd_distill
 from opd_distill import distill_micro_batch, kl_scale, opd_loss, pg_reward, returns_to_go, task_schedule
-from sde_sampler import (add_student, build_tiny_pipeline, encode, load_adapter, load_policy, rollout,
+from pretrain_tiny import build_tiny_pipeline
+from sde_sampler import (add_student, encode, load_adapter, load_policy, rollout,
                          save_adapter, sd3_sigmas, sde_step, transition_kl, using_adapter, velocity)
 
 REPO = Path(__file__).resolve().parents[1]
