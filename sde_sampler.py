@@ -426,7 +426,8 @@ def adapter_state_dict(policy, name):
 
 def save_lora(state, lora_cfg, folder, extra_files=None, extra_state=None):
     """Write a LoRA state dict (peft naming, keys relative to the transformer) as a folder that
-    StableDiffusion3Pipeline.load_lora_weights loads unchanged, atomically: into a temporary
+    StableDiffusion3Pipeline.load_lora_weights and peft's PeftModel.from_pretrained both load
+    unchanged, atomically: into a temporary
     name, then renamed. The state goes in directly: convert_state_dict_to_diffusers drops SD3
     keys. lora_cfg (LoraConfig.to_dict()) becomes the metadata that carries lora_alpha; without
     it diffusers reads alpha as r. extra_files = {filename: json-able dict}; extra_state =
@@ -442,6 +443,13 @@ def save_lora(state, lora_cfg, folder, extra_files=None, extra_state=None):
         lora_cfg["target_modules"] = sorted(lora_cfg["target_modules"])
     StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=state,
                                                transformer_lora_adapter_metadata=lora_cfg)
+    # the same adapter in peft's own layout too, so that PeftModel.from_pretrained(transformer, folder)
+    # loads it, the way Flow-GRPO and the authors' Flow-OPD code load teachers and anchors
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+    fields = {k: v for k, v in lora_cfg.items() if k in LoraConfig.__dataclass_fields__ and k != "peft_type"}
+    LoraConfig(**fields).save_pretrained(tmp)
+    save_file({f"base_model.model.{k}": v for k, v in state.items()}, tmp / "adapter_model.safetensors")
     for fname, obj in (extra_files or {}).items():
         (tmp / fname).write_text(json.dumps(obj, indent=2, default=str))
     for fname, obj in (extra_state or {}).items():

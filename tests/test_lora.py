@@ -52,6 +52,20 @@ def test_save_then_diffusers_load_lora_weights(policy, tiny_pipe_dir, tmp_path):
     assert (_probe(ours, "ocr") - v_student).abs().max() < 1e-5
 
 
+def test_saved_folders_load_with_peft_from_pretrained(policy, tiny_pipe_dir, tmp_path):
+    """Every saved LoRA folder also loads the way Flow-GRPO and the authors' OPD code load
+    teachers, PeftModel.from_pretrained(transformer, folder), with per-layer ranks and alphas."""
+    from peft import PeftModel
+    from conftest import random_teacher
+    q = "transformer_blocks.0.attn.to_q"
+    folder = random_teacher(policy, tmp_path / "t", "t", 3, r=4, alpha=8, rank_pattern={q: 2}, alpha_pattern={q: 6})
+    v_teacher, v_base = _probe(policy, "t"), _probe(policy, BASE)
+    fresh = load_policy(str(tiny_pipe_dir), device="cpu")
+    fresh.pipe.transformer = PeftModel.from_pretrained(fresh.pipe.transformer, str(folder)).base_model.model
+    v_loaded = _raw_forward(fresh.pipe, policy)
+    assert (v_loaded - v_teacher).abs().max() < 1e-5 and (v_loaded - v_base).abs().max() > 1e-3
+
+
 def test_peft_folder_teacher_and_coexistence(policy, tiny_pipe_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
     # a teacher saved the way Flow-GRPO saves it: a PeftModel folder
