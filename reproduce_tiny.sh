@@ -27,6 +27,8 @@ if [ "${SMOKE:-0}" = 1 ]; then
     OPD=(--max_steps 1 --eval_every 1 --eval_prompts 1 --prompts_per_step 2 --group_size 2 --batch_size 4)
     EVAL=(--num_prompts 2)
 fi
+# rows that no curve plots skip their periodic evals (a third of an OPD run); eval.py scores them all
+NOEVAL=(--eval_every 0)
 
 stage() {  # stage OUT SCRIPT ARGS...: run SCRIPT --preset tiny ARGS --out OUT unless OUT/final exists
     local out=$1 script=$2
@@ -49,22 +51,23 @@ stage "$R/sft" sft_coldstart.py --teachers $T "${SFT[@]}"
 O="$T clean=base"
 # the key rows, once per seed: GRPO-Mix, OPD from the merge, OPD from a fresh student
 MIX=() MAIN=() FRESH=()
+S0=${SEEDS:-0}; S0=${S0%% *}
 for seed in ${SEEDS:-0 1 2}; do
-    stage "$R/mix_s$seed" teacher_grpo.py --tasks count,text --shared_reward clean:0.2 --seed "$seed" "${GRPO[@]}"
-    stage "$R/opd_s$seed" opd_distill.py --teachers $O --init "$R/merge/final" --seed "$seed" "${OPD[@]}"
-    stage "$R/opd_fresh_s$seed" opd_distill.py --teachers $O --init "" --seed "$seed" "${OPD[@]}"
+    CURVE=(); [ "$seed" = "$S0" ] || CURVE=("${NOEVAL[@]}")  # the curves plot the first seed
+    stage "$R/mix_s$seed" teacher_grpo.py --tasks count,text --shared_reward clean:0.2 --seed "$seed" "${GRPO[@]}" "${CURVE[@]}"
+    stage "$R/opd_s$seed" opd_distill.py --teachers $O --init "$R/merge/final" --seed "$seed" "${OPD[@]}" "${CURVE[@]}"
+    stage "$R/opd_fresh_s$seed" opd_distill.py --teachers $O --init "" --seed "$seed" "${OPD[@]}" "${NOEVAL[@]}"
     MIX+=(--ckpt "grpo_mix@s$seed=$R/mix_s$seed/final") MAIN+=(--ckpt "opd@s$seed=$R/opd_s$seed/final")
     FRESH+=(--ckpt "opd_fresh@s$seed=$R/opd_fresh_s$seed/final")
 done
-S0=${SEEDS:-0}; S0=${S0%% *}
 SWEEP=()
 for b in 0 0.2 1; do
-    stage "$R/opd_mar$b" opd_distill.py --teachers $O --init "$R/merge/final" --beta_mar "$b" "${OPD[@]}"
+    stage "$R/opd_mar$b" opd_distill.py --teachers $O --init "$R/merge/final" --beta_mar "$b" "${OPD[@]}" "${NOEVAL[@]}"
     SWEEP+=(--ckpt "opd_mar$b=$R/opd_mar$b/final")
 done
-stage "$R/opd_anchor_clean" opd_distill.py --teachers $O --init "$R/merge/final" --anchor "$R/clean/final" "${OPD[@]}"
-stage "$R/opd_pg" opd_distill.py --teachers $O --init "$R/merge/final" --loss pg "${OPD[@]}"
-stage "$R/opd_sft" opd_distill.py --teachers $O --init "$R/sft/final" "${OPD[@]}"
+stage "$R/opd_anchor_clean" opd_distill.py --teachers $O --init "$R/merge/final" --anchor "$R/clean/final" "${OPD[@]}" "${NOEVAL[@]}"
+stage "$R/opd_pg" opd_distill.py --teachers $O --init "$R/merge/final" --loss pg "${OPD[@]}" "${NOEVAL[@]}"
+stage "$R/opd_sft" opd_distill.py --teachers $O --init "$R/sft/final" "${OPD[@]}" "${NOEVAL[@]}"
 
 "$PY" eval.py --preset tiny --ckpt base --ckpt "count=$R/count/final" --ckpt "text=$R/text/final" \
     --ckpt "clean=$R/clean/final" "${MIX[@]}" --ckpt "merge=$R/merge/final" --ckpt "sft=$R/sft/final" \
