@@ -33,13 +33,10 @@ image and task: prompt, tag, seed, score and what the reward read or detected) a
 
 import hashlib
 import json
-import os
 import sys
-import textwrap
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import common
@@ -47,7 +44,7 @@ import tinyworld
 from prompts import BUILTIN, TINY_TASKS, load_prompts
 from rewards import get_reward, set_device
 from common import SEED_STRIDE
-from sde_sampler import BASE, decode, encode, initial_noise, load_adapter, load_policy, read_lora, resolve_model, rollout
+from sde_sampler import BASE, encode, load_adapter, load_policy, read_lora, resolve_model
 
 # -----------------------------------------------------------------------------
 # defaults: SD3.5-Medium's eval settings (Flow-GRPO's); --preset tiny swaps in the tiny world
@@ -80,8 +77,6 @@ PRESETS = {
 }
 CACHE_VERSION = 1     # bump when the sampler's numerics change, to orphan the old cache
 CELL_MIN = 256        # grid cells are scaled up (nearest) to at least this many pixels
-HEADER_H = 16         # grid: strip with the checkpoint names
-CAPTION_H = 28        # grid: two lines of prompt above each row
 GAP = 4               # grid: white space between checkpoint columns
 # -----------------------------------------------------------------------------
 
@@ -135,15 +130,14 @@ def cache_key(model_id, ckpt_id, row, settings):
 
 def eval_rows(tasks, split, num_prompts, files, seed, images_per_prompt=1):
     """The rows to sample, one per image (the tasks that have prompts, in order, each cut to
-    num_prompts; image j of the i-th prompt gets seed + i + SEED_STRIDE * j, all prompts' image 0
-    first) and, per task, the indices of the rows its reward scores."""
+    num_prompts, with common.seeded_jobs' seeds: image j of the task's i-th prompt from seed + i +
+    SEED_STRIDE * j) and, per task, the indices of the rows its reward scores."""
     rows, plan = [], {}
     own = [t for t in tasks if t in files or t in BUILTIN or t in TINY_TASKS]
     for task in own:
         prompts = load_prompts(task, split, files.get(task))
         prompts = prompts[:num_prompts] if num_prompts else prompts
-        part = [{**row, "seed": seed + i + SEED_STRIDE * j}
-                for j in range(images_per_prompt) for i, row in enumerate(prompts)]
+        part = common.seeded_jobs(prompts, seed, images_per_prompt)
         plan[task] = list(range(len(rows), len(rows) + len(part)))
         rows += part
     for task in tasks:
@@ -153,88 +147,6 @@ def eval_rows(tasks, split, num_prompts, files, seed, images_per_prompt=1):
                                  "it together with a task that has prompts (it then scores their images)")
             plan[task] = list(range(len(rows)))
     return rows, {t: plan[t] for t in tasks}
-
-
-# -----------------------------------------------------------------------------
-# sampling through the cache
-
-def load_png(path):
-    with Image.open(path) as im:
-        return im.convert("RGB")
-
-
-def save_png(image, path):
-    """Atomically: a killed run or a concurrent one never leaves a half-written PNG behind."""
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.png")
-    image.save(tmp)
-    tmp.replace(path)
-
-
-@torch.no_grad()
-def images_for(policy, adapter, rows, mine, paths, cfg, desc, progress):
-    """{row index: image} for this rank's rows: from the cache, else sampled in batches of
-    batch_size and cached. The last batch is padded with copies of its last row: the kernels'
-    rounding depends on the batch shape (not on the other samples), so a fixed shape makes an
-    image a function of its own prompt and noise. Returns (images, number generated)."""
-    images = {i: load_png(paths[i]) for i in mine if paths[i].exists()}
-    todo = [i for i in mine if i not in images]
-    bs = cfg["batch_size"]
-    with tqdm(total=len(todo), desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        for k in range(0, len(todo), bs):
-            batch = todo[k:k + bs]
-            padded = batch + batch[-1:] * (bs - len(batch))
-            x = initial_noise(policy, [rows[i]["seed"] for i in padded])
-            out = rollout(policy, [rows[i]["prompt"] for i in padded], cfg["eval_steps"], cfg["guidance"], 0.0,
-                          latents=x, adapter=adapter)
-            for i, im in zip(batch, decode(policy, out["latents"])):
-                save_png(im, paths[i])
-                images[i] = im
-            bar.update(len(batch))
-    return images, len(todo)
-
-
-def score(rows, plan, images, batch_size):
-    """Every task's reward on the rows of its plan that this rank holds: [(task, row, score, info)]."""
-    records = []
-    for task, idx in plan.items():
-        mine = [i for i in idx if i in images]
-        for k in range(0, len(mine), batch_size):
-            chunk = mine[k:k + batch_size]
-            scores, info = get_reward(task)([images[i] for i in chunk], [rows[i]["prompt"] for i in chunk],
-                                            [rows[i]["metadata"] for i in chunk])
-            records += [(task, i, s, inf) for i, s, inf in zip(chunk, scores.tolist(), info)]
-    return records
-
-
-def tag_of(row):
-    return (row.get("metadata") or {}).get("tag")
-
-
-def _stats(records):
-    strict = [bool(r[3]["strict"]) for r in records if "strict" in r[3]]
-    out = {"mean": sum(r[2] for r in records) / len(records)}
-    if strict:
-        out["strict"] = sum(strict) / len(strict)
-    out["n"] = len(records)
-    return out
-
-
-def summarise(records, plan, rows):
-    """{task: {"mean", "strict", "n"}} from one checkpoint's records ("strict" where given), plus
-    "tags": the same per prompt tag where a task's own prompts carry several (GenEval reports its
-    score per tag: a mean can hide that counting learned while position did not)."""
-    out = {}
-    for task in plan:
-        mine = [r for r in records if r[0] == task]
-        out[task] = _stats(mine)
-        tags = {}
-        for r in mine:
-            tag = tag_of(rows[r[1]])
-            if rows[r[1]]["task"] == task and tag is not None:
-                tags.setdefault(tag, []).append(r)
-        if len(tags) > 1:
-            out[task]["tags"] = {t: _stats(rs) for t, rs in tags.items()}
-    return out
 
 
 # -----------------------------------------------------------------------------
@@ -303,32 +215,6 @@ def results_table(results, cfg, n_rows):
     return "\n".join(lines)
 
 
-def comparison_grid(cells, names, prompts):
-    """cells[r][c]: (image, score) of prompt r under checkpoint c. A header with the checkpoint
-    names, and above each row its prompt (two lines at most); small images scaled up, nearest."""
-    w, h = cells[0][0][0].size
-    scale = max(1, -(-CELL_MIN // w))
-    w, h = w * scale, h * scale
-    font = ImageFont.load_default()
-    grid = Image.new("RGB", (len(names) * (w + GAP) - GAP, HEADER_H + len(cells) * (CAPTION_H + h)), "white")
-    draw = ImageDraw.Draw(grid)
-    chars = max(8, grid.width // 6)
-    for c, name in enumerate(names):
-        draw.text((c * (w + GAP) + 2, 2), name[: w // 6], fill="black", font=font)
-    for r, (row, prompt) in enumerate(zip(cells, prompts)):
-        top = HEADER_H + r * (CAPTION_H + h)
-        draw.line([(0, top), (grid.width, top)], fill="#bbb")
-        text = "\n".join(textwrap.wrap(prompt, chars, max_lines=2, placeholder="..."))
-        draw.multiline_text((3, top + 2), text, fill="black", font=font, spacing=1)
-        for c, (im, s) in enumerate(row):
-            x = c * (w + GAP)
-            grid.paste(im.resize((w, h), Image.NEAREST), (x, top + CAPTION_H))
-            box = draw.textbbox((x + 2, top + CAPTION_H + 2), f"{s:.2f}", font=font)
-            draw.rectangle([box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1], fill="white")
-            draw.text((x + 2, top + CAPTION_H + 2), f"{s:.2f}", fill="black", font=font)
-    return grid
-
-
 def _json_default(o):
     return o.item() if hasattr(o, "item") else str(o)
 
@@ -381,7 +267,6 @@ def main(argv=None):
     model_id = model_fingerprint(cfg["model"])
     paths = {name: [cache / f"{cache_key(model_id, fingerprints[name], r, settings)}.png" for r in rows]
              for name in ckpts}
-    mine = list(range(rank, len(rows), world))
     missing = sum(not p.exists() for ps in paths.values() for p in ps)
     if missing:  # every rank embeds all prompts in one call, so the text encoders see the same batches
         encode(policy, sorted({r["prompt"] for r in rows}))
@@ -400,33 +285,34 @@ def main(argv=None):
 
     results, details, grids = {}, [], {t: {} for t in tasks}
     for name, adapter in adapters.items():
-        images, generated = images_for(policy, adapter, rows, mine, paths[name], cfg, name, master)
-        records = score(rows, plan, images, cfg["batch_size"])
+        images, generated = common.sample_images(policy, rows, cfg["eval_steps"], cfg["guidance"], cfg["batch_size"],
+                                                 adapter, cache=paths[name], desc=name if master else None)
+        records = common.score_images(rows, images, plan, cfg["batch_size"])
         shown = {i: images[i] for i in show if i in images}
         parts = common.all_gather_objects((records, shown, generated))
         if not master:
             continue
-        records = sorted((r for p in parts for r in p[0]), key=lambda r: (tasks.index(r[0]), r[1]))
+        records = sorted((r for p in parts for r in p[0]), key=lambda r: (tasks.index(r["task"]), r["job"]))
         shown = {i: im for p in parts for i, im in p[1].items()}
-        results[name] = summarise(records, plan, rows)
-        by_key = {(r[0], r[1]): r for r in records}
+        results[name] = common.summarise(records, rows)
+        by_key = {(r["task"], r["job"]): r["score"] for r in records}
         for t in tasks:
-            grids[t][name] = [(shown[i], by_key[(t, i)][2]) for i in grid_rows[t]]
-        for task, i, s, info in records:
-            row = rows[i]
-            d = {"checkpoint": name, "task": task, "prompt": row["prompt"], "seed": row["seed"], "score": s}
-            if row["task"] != task:
+            grids[t][name] = [(shown[i], by_key[(t, i)]) for i in grid_rows[t]]
+        for r in records:
+            row, info = rows[r["job"]], r["info"]
+            d = {"checkpoint": name, "task": r["task"], "prompt": row["prompt"], "seed": row["seed"], "score": r["score"]}
+            if row["task"] != r["task"]:
                 d["prompt_task"] = row["task"]
-            if (tag := tag_of(row)) is not None:
+            if (tag := (row.get("metadata") or {}).get("tag")) is not None:
                 d["tag"] = tag
             if "strict" in info:
                 d["strict"] = bool(info["strict"])
             d["info"] = {k: v for k, v in info.items() if k != "strict"}
-            d["image"] = str(paths[name][i])
+            d["image"] = str(paths[name][r["job"]])
             details.append(d)
         n = sum(p[2] for p in parts)
         tqdm.write(f"{name}: generated {n} images, {len(rows) - n} from the cache; "
-                   + ", ".join(f"{t} {s['mean']:.3f}" for t, s in results[name].items()))
+                   + ", ".join(f"{t} {s['mean']:.3f} +-{s['se']:.3f}" for t, s in results[name].items()))
 
     if master:
         common.write_json(out / "results.json", results)
@@ -437,8 +323,10 @@ def main(argv=None):
                 f.write(json.dumps(d, default=_json_default) + "\n")
         for t in tasks:
             if grid_rows[t]:
-                cells = [[grids[t][name][r] for name in ckpts] for r in range(len(grid_rows[t]))]
-                comparison_grid(cells, list(ckpts), [rows[i]["prompt"] for i in grid_rows[t]]).save(out / f"grid_{t}.png")
+                cells = [grids[t][name][r] for r in range(len(grid_rows[t])) for name in ckpts]
+                common.image_grid([im for im, _ in cells], len(ckpts), [rows[i]["prompt"] for i in grid_rows[t]],
+                                  header=list(ckpts), labels=[f"{s:.2f}" for _, s in cells], min_size=CELL_MIN,
+                                  gap=GAP).save(out / f"grid_{t}.png")
         print(table)
         print(f"wrote {out / 'results.json'}, results.md, details.jsonl and grid_<task>.png")
     common.barrier()

@@ -238,7 +238,7 @@ def report(folder, record, pipe=None, eval_steps=SAMPLING["eval_steps"]):
                                  "strict": round(float(np.mean([x["strict"] for x in info])), 4), "n": len(images)}
     per_task = {"count": 24, "text": 24, "clean": 16}  # the grid: 3 rows of count, 3 of text, 2 of clean
     shown = [im for task, n in per_task.items() for im in [im for r, im in zip(rows, images) if r["task"] == task][:n]]
-    common.image_grid(shown, cols=8, scale=2).save(f"{folder}_grid.png")
+    common.image_grid(shown, cols=8, min_size=2 * shown[0].width).save(f"{folder}_grid.png")
     Path(f"{folder}_scores.json").write_text(json.dumps({**record, "scores": scores}, indent=2) + "\n")
     for task, s in scores.items():
         flawed = f"  flawed {s['flawed']:.2f}" if "flawed" in s else ""

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import common
 import eval as evaluation
 from sde_sampler import add_student, load_policy, save_adapter
 
@@ -69,6 +70,23 @@ def test_outputs(first_run):
     assert "| checkpoint | count | text | clean | average |" in table and "| lora |" in table
 
 
+def test_periodic_eval_and_eval_py_are_one_path(first_run, tiny_pipe_dir, lora_dir):
+    """A training run's periodic eval (common.evaluate) of one task's first prompts gives the
+    scores eval.py gave the same checkpoint: same seeds, same sampler, same reward, whatever the
+    batch size (eval.py ran in batches of 3, this in batches of 2)."""
+    from prompts import load_prompts
+    from sde_sampler import load_adapter
+    _, _, details, _ = first_run
+    want = [d for d in map(json.loads, details) if d["checkpoint"] == "lora" and d["task"] == "text"]
+    policy = load_policy(str(tiny_pipe_dir), device="cpu", resolution=32)
+    adapter = load_adapter(policy, str(lora_dir), "lora")
+    rows = load_prompts("text", "test")[:NUM_PROMPTS]
+    summary, images, got = common.evaluate(policy, rows, 2, evaluation.DEFAULTS["guidance"], 2, adapter=adapter)
+    assert [d["score"] for d in got] == [d["score"] for d in want] and [d["seed"] for d in got] == [0, 1, 2]
+    assert summary["text"]["n"] == NUM_PROMPTS and summary["text"]["mean"] == pytest.approx(
+        sum(d["score"] for d in want) / NUM_PROMPTS)
+
+
 def test_second_run_identical_from_cache(first_run, tiny_pipe_dir, lora_dir, tmp_path, capsys):
     out, results, details, stamps = first_run
     evaluation.main(_args(tiny_pipe_dir, out, "base", f"lora={lora_dir}"))
@@ -94,9 +112,9 @@ def test_grid_has_one_row_per_prompt_and_one_column_per_checkpoint(first_run, ti
     for task in TASKS:
         grid = Image.open(out / f"grid_{task}.png")
         assert grid.size == (3 * cell + 2 * evaluation.GAP,
-                             evaluation.HEADER_H + GRID_PROMPTS * (evaluation.CAPTION_H + cell))
+                             common.GRID_HEADER + GRID_PROMPTS * (common.GRID_CAPTION + cell))
     grid = Image.open(out / "grid_count.png")
-    y0 = evaluation.HEADER_H + evaluation.CAPTION_H + 16  # below the score label
+    y0 = common.GRID_HEADER + common.GRID_CAPTION + 16  # below the score label
     col = lambda c: grid.crop((c * (cell + evaluation.GAP), y0, c * (cell + evaluation.GAP) + cell, y0 + cell - 16))
     assert col(1).tobytes() == col(2).tobytes() != col(0).tobytes()
 
@@ -208,16 +226,19 @@ def test_runs_over_seeds_are_summarised_as_mean_and_range():
 def test_scores_per_prompt_tag():
     """A task whose prompts carry several tags is also summarised per tag (GenEval-style); a task
     scoring other tasks' images (pickscore) and a one-tag task are not."""
-    rows = [{"task": "count", "metadata": {"tag": tag}} for tag in ("single", "single", "position")] + \
-           [{"task": "text", "metadata": {"tag": "text"}}]
+    rows = [{"task": "count", "row": i, "metadata": {"tag": tag}} for i, tag in enumerate(("single", "single", "position"))] + \
+           [{"task": "text", "row": 0, "metadata": {"tag": "text"}}]
     plan = {"count": [0, 1, 2], "text": [3], "pickscore": [0, 1, 2, 3]}
-    records = [("count", 0, 1.0, {"strict": True}), ("count", 1, 0.5, {"strict": False}),
-               ("count", 2, 0.1, {"strict": False}), ("text", 3, 0.3, {"strict": False}),
-               *[("pickscore", i, 0.8, {}) for i in range(4)]]
-    res = evaluation.summarise(records, plan, rows)
-    assert res["count"]["tags"] == {"single": {"mean": 0.75, "strict": 0.5, "n": 2},
-                                    "position": {"mean": 0.1, "strict": 0.0, "n": 1}}
+    records = [{"job": i, "task": t, "score": s, "info": info} for t, i, s, info in [
+        ("count", 0, 1.0, {"strict": True}), ("count", 1, 0.5, {"strict": False}),
+        ("count", 2, 0.1, {"strict": False}), ("text", 3, 0.3, {"strict": False}),
+        *[("pickscore", i, 0.8 + 0.1 * (i == 3), {}) for i in range(4)]]]
+    res = common.summarise(records, rows)
+    assert res["count"]["tags"] == {"single": {"mean": 0.75, "strict": 0.5, "n": 2, "se": pytest.approx(0.25)},
+                                    "position": {"mean": 0.1, "strict": 0.0, "n": 1, "se": 0.0}}
     assert abs(res["count"]["mean"] - 1.6 / 3) < 1e-9 and "tags" not in res["text"] and "tags" not in res["pickscore"]
+    # pickscore's prompts are the other tasks' (count's row 0 is not text's row 0): 4 prompts, not 3
+    assert res["pickscore"]["se"] == pytest.approx(torch.tensor([0.8, 0.8, 0.8, 0.9]).std().item() / 2)
     cfg = dict(model="m", eval_steps=20, guidance=4.5, resolution=32, seed=0, split="test")
     table = evaluation.results_table({"base": res}, cfg, {"count": 3, "text": 1, "pickscore": 4})
     assert "| checkpoint | single (2) | position (1) |" in table
