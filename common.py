@@ -6,9 +6,11 @@ image grids, and the periodic evaluation (ODE samples of every task's test promp
 
 import argparse
 import collections
+import importlib.util
 import json
 import os
 import re
+import secrets
 import shutil
 import textwrap
 import time
@@ -63,6 +65,8 @@ def parse_config(defaults, presets, argv=None, description=None):
     config.update({k: v for k, v in args.items() if v is not None})
     config["resume"] = args["resume"]
     config["preset"] = args["preset"]
+    if config.get("wandb") and importlib.util.find_spec("wandb") is None:
+        parser.error("--wandb needs the wandb package: pip install wandb")
     return config
 
 
@@ -315,6 +319,8 @@ def finish_run(policy, params, out, config, ema=None):
         with ema_weights(ema, params) if ema is not None else nullcontext():
             save_final(policy, out, config)
         print(f"done: {Path(out) / 'final'}")
+        if _wandb is not None:
+            _wandb.finish()
     barrier()
     cleanup_dist()
 
@@ -335,11 +341,45 @@ def load_training_state(folder):
     return state
 
 
+_wandb = None  # the Weights & Biases run of this process, when --wandb asked for one
+
+
+def start_logging(out, config):
+    """With --wandb PROJECT, rank 0 also sends every metrics.jsonl record to a W&B run (wandb is
+    imported only then; WANDB_MODE=offline writes it under OUT/wandb for a later `wandb sync`).
+    The run's id is kept in OUT/wandb_id, so --resume continues the same W&B run (W&B drops
+    steps it has already seen: those re-run after the checkpoint)."""
+    global _wandb
+    if not config.get("wandb") or (dist.is_initialized() and dist.get_rank() != 0):
+        return
+    import wandb
+    id_file = Path(out) / "wandb_id"
+    Path(out).mkdir(parents=True, exist_ok=True)
+    if not id_file.exists():
+        id_file.write_text(secrets.token_hex(6))
+    _wandb = wandb.init(project=config["wandb"], name=Path(out).name, dir=str(out), config=config,
+                        id=id_file.read_text().strip(), resume="allow")
+
+
+def _flat(record, prefix=""):
+    """{"eval": {"count": {"mean": 0.4}}} -> {"eval/count/mean": 0.4}: W&B's chart names."""
+    out = {}
+    for k, v in record.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def log_metrics(out, record):
-    """One JSON line per record in out/metrics.jsonl (rank 0 only calls this)."""
+    """One JSON line per record in out/metrics.jsonl (rank 0 only calls this), and the same
+    numbers to the W&B run if start_logging made one."""
     record = {"time": round(time.time(), 3), **record}
     with open(Path(out) / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record, default=float) + "\n")
+    if _wandb is not None:
+        _wandb.log({k: v for k, v in _flat(record).items() if k not in ("step", "time")}, step=record["step"])
 
 
 def write_json(path, obj):

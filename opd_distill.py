@@ -91,6 +91,7 @@ DEFAULTS = dict(
     eval_images=1,             # images per eval prompt, each from its own noise (the tiny preset: 4)
     save_every=50,
     seed=0,
+    wandb="",                 # a W&B project: every metrics.jsonl record is logged there too
 )
 TINY_ASSETS = Path(__file__).resolve().parent / "assets" / "tiny"
 PRESETS = {
@@ -275,6 +276,7 @@ def main(argv=None):
     if master:
         out.mkdir(parents=True, exist_ok=True)
         common.write_json(out / "config.json", cfg)
+        common.start_logging(out, cfg)
         print(f"train prompts: {', '.join(f'{t} {len(r)}' for t, r in train_rows.items())}")
         for note in filter(None, map(held_out_note, files.values())):
             print(note)

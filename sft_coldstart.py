@@ -54,6 +54,7 @@ DEFAULTS = dict(
     probe_samples=32,         # per rank
     save_every=100,
     seed=0,
+    wandb="",                 # a W&B project: every metrics.jsonl record is logged there too
 )
 PRESETS = {
     "tiny": dict(resolution=TINY["resolution"], t5_tokens=TINY["t5_tokens"], sample_steps=TINY["eval_steps"],
@@ -149,6 +150,7 @@ def main(argv=None):
     if master:
         out.mkdir(parents=True, exist_ok=True)
         common.write_json(out / "config.json", cfg)
+        common.start_logging(out, cfg)
         for n, s in teachers.items():
             print(f"teacher {n}: {s}")
     torch.manual_seed(cfg["seed"])  # the student's initial A: the same on every rank

@@ -68,6 +68,7 @@ DEFAULTS = dict(
     eval_images=1,            # images per eval prompt, each from its own noise
     save_every=50,
     seed=0,
+    wandb="",                 # a W&B project: every metrics.jsonl record is logged there too
 )
 PRESETS = {
     # Flow-GRPO-Fast's trick: train only the first half of the steps (layout is decided early),
@@ -137,6 +138,7 @@ def main(argv=None):
     if master:
         out.mkdir(parents=True, exist_ok=True)
         common.write_json(out / "config.json", cfg)
+        common.start_logging(out, cfg)
         print(f"tasks {tasks} | {len(train_rows)} train prompts | eval {eval_tasks} x {cfg['eval_prompts']}")
         if note := held_out_note(cfg["prompts"]):
             print(note)

@@ -74,12 +74,23 @@ def test_grpo_raises_reward_and_lr_zero_does_not(tiny_pipe_dir, tmp_path, prompt
     assert json.loads((tmp_path / "learn" / "config.json").read_text())["lr"] == 3e-2
 
 
-def test_resume_continues_with_identical_state(tiny_pipe_dir, tmp_path, prompt_file):
+def test_resume_continues_with_identical_state(tiny_pipe_dir, tmp_path, prompt_file, monkeypatch):
+    """Killed after step 2 and resumed: the same weights, optimizer state and log as one run.
+    The interrupted run also logs to W&B (offline): its records reach the W&B run, the resumed
+    process continues that run, and logging changes no weight."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
     full, part = tmp_path / "full", tmp_path / "part"
     teacher_grpo.main(_args(tiny_pipe_dir, full, prompt_file, max_steps=3, save_every=1, eval_every=0))
-    teacher_grpo.main(_args(tiny_pipe_dir, part, prompt_file, max_steps=2, save_every=1, eval_every=0))
+    teacher_grpo.main(_args(tiny_pipe_dir, part, prompt_file, max_steps=2, save_every=1, eval_every=0, wandb="t"))
     state2 = torch.load(part / "checkpoint-000002" / "training_state.pt", weights_only=True)
-    teacher_grpo.main(_args(tiny_pipe_dir, part, prompt_file, max_steps=3, save_every=1, eval_every=0) + ["--resume"])
+    teacher_grpo.main(_args(tiny_pipe_dir, part, prompt_file, max_steps=3, save_every=1, eval_every=0, wandb="t")
+                      + ["--resume"])
+    run_id = (part / "wandb_id").read_text()
+    logs = sorted((part / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 2 and all(p.name == f"run-{run_id}.wandb" for p in logs)  # one W&B run, twice opened
+    assert all(b"policy_loss" in p.read_bytes() and b"reward_brightness" in p.read_bytes() for p in logs)
+    assert not (full / "wandb").exists()
     a = load_file(str(full / "checkpoint-000003" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(part / "checkpoint-000003" / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -140,3 +151,13 @@ def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(SystemExit, match="local rank 1 but only 1 GPU"):
         common.setup_dist()
+
+
+def test_wandb_without_the_package_is_a_clear_error(tiny_pipe_dir, tmp_path, prompt_file, monkeypatch, capsys):
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    with pytest.raises(SystemExit):
+        teacher_grpo.main(_args(tiny_pipe_dir, tmp_path / "x", prompt_file, wandb="proj"))
+    assert "--wandb needs the wandb package: pip install wandb" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
