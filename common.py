@@ -310,7 +310,8 @@ def after_step(policy, params, optimizer, ema, eval_rows, config, out, step):
 
 def finish_run(policy, params, out, config, ema=None):
     """The end of a training run: check the ranks agree, then rank 0 writes out/final/ (with
-    the EMA weights when there is an EMA, as Flow-GRPO ships them)."""
+    the EMA weights when there is an EMA, as Flow-GRPO ships them) and closes the W&B run."""
+    global _wandb
     check_in_sync(params)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if rank0:
@@ -321,6 +322,7 @@ def finish_run(policy, params, out, config, ema=None):
         print(f"done: {Path(out) / 'final'}")
         if _wandb is not None:
             _wandb.finish()
+            _wandb = None
     barrier()
     cleanup_dist()
 
@@ -350,6 +352,7 @@ def start_logging(out, config):
     The run's id is kept in OUT/wandb_id, so --resume continues the same W&B run (W&B drops
     steps it has already seen: those re-run after the checkpoint)."""
     global _wandb
+    _wandb = None
     if not config.get("wandb") or (dist.is_initialized() and dist.get_rank() != 0):
         return
     import wandb

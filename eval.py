@@ -42,7 +42,7 @@ from tqdm import tqdm
 import common
 import tinyworld
 from prompts import BUILTIN, TINY_TASKS, load_prompts
-from rewards import get_reward, set_device
+from rewards import get_reward, preload, set_device
 from common import SEED_STRIDE
 from sde_sampler import BASE, encode, load_adapter, load_policy, read_lora, resolve_model
 
@@ -245,6 +245,7 @@ def main(argv=None):
             except Exception as e:  # a corrupt file surfaces as its reader's own error type
                 raise ValueError(f"--ckpt {name}: {source}: unreadable ({type(e).__name__}: {e})") from None
         cfg["model"] = resolve_model(cfg["model"], cfg["preset"])
+        preload(tasks)  # the rewards' hub models, now: offline or gated fails here, in one line
         if cfg["batch_size"] < 1 or cfg["grid_prompts"] < 0:
             raise ValueError("--batch_size must be at least 1 and --grid_prompts at least 0")
     out = Path(cfg["out"])
@@ -252,7 +253,8 @@ def main(argv=None):
     cache.mkdir(parents=True, exist_ok=True)
 
     set_device(device)
-    policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"], t5_tokens=cfg["t5_tokens"])
+    with common.startup_errors():  # a model the hub cannot give: one line
+        policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"], t5_tokens=cfg["t5_tokens"])
     adapters = {}
     with common.startup_errors():
         for k, (name, source) in enumerate(ckpts.items()):

@@ -24,7 +24,7 @@ import torch
 import common
 import teacher_grpo
 from prompts import load_prompts, spread
-from rewards import get_reward, set_device
+from rewards import get_reward, preload, set_device
 from sde_sampler import add_student, decode, encode, group_advantages, load_policy, resolve_model, rollout_batches
 
 DEFAULTS = dict(teacher_grpo.DEFAULTS, batches=4, probe_prompts=1)
@@ -57,10 +57,12 @@ def main(argv=None):
         if cfg["batches"] < 2:
             raise ValueError("--batches must be at least 2 (cosines compare batches)")
         cfg["model"] = resolve_model(cfg["model"], cfg["preset"])
+        preload([cfg["reward"]])
     device = common.setup_dist()[2]
     torch.manual_seed(cfg["seed"])
     set_device(device)
-    policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"], t5_tokens=cfg["t5_tokens"])
+    with common.startup_errors():  # a model the hub cannot give: one line
+        policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"], t5_tokens=cfg["t5_tokens"])
     params = add_student(policy, rank=cfg["lora_rank"], alpha=cfg["lora_alpha"])
     trained_steps = int(cfg["num_steps"] * cfg["timestep_fraction"])
     picked = [rows[i % len(rows)] for i in range(cfg["prompts_per_step"])]

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 import common
 from prompts import held_out_note, load_prompts, spread
-from rewards import get_reward, set_device
+from rewards import get_reward, preload, set_device
 from sde_sampler import (BASE, adapter_velocities, add_student, encode, load_adapter, load_policy, ppo_loss,
                          resolve_model, sd3_sigmas, sde_step, transition_kl, velocity)
 from tinyworld import SAMPLING as TINY
@@ -248,6 +248,7 @@ def main(argv=None):
         out = Path(cfg["out"])
         resume_from = common.prepare_out(out, cfg["resume"])
         cfg["model"] = resolve_model(cfg["model"], cfg["preset"])
+        preload(eval_tasks if cfg["eval_every"] else [])  # the eval rewards' hub models, now
 
         # one base in memory; teachers, anchor and student are adapters on it, all checked first
         torch.manual_seed(cfg["seed"])

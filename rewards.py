@@ -410,6 +410,31 @@ def get_reward(name):
     return REWARDS[name]
 
 
+def first_line(error):
+    """An exception as one short line: its type and the first line of its message."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200] if text else ''}"
+
+
+def preload(specs):
+    """Load the models of every reward in `specs` (names or "name:weight,..." specs) now, so a
+    model the hub cannot give (offline, gated, a typo in an id) stops the run at start-up with one
+    line naming the reward and the model, not after the pipeline loaded and sampled."""
+    loaders = {"ocr": (_load_ocr, "RapidOCR's bundled models"),
+               "geneval": (_load_geneval, f"{GENEVAL_DETECTOR_ID} and {GENEVAL_CLIP_ID}"),
+               "pickscore": (_load_pickscore, f"{PICKSCORE_MODEL_ID} and {PICKSCORE_PROCESSOR_ID}")}
+    names = [item.partition(":")[0].strip() for spec in specs for item in spec.split(",")]
+    for name in dict.fromkeys(filter(None, names)):
+        get_reward(name)
+        if name in loaders and name not in MODELS:
+            load, models = loaders[name]
+            try:
+                _models(name, load)
+            except Exception as e:  # OSError offline, GatedRepoError, HFValidationError, ...
+                raise ValueError(f"reward {name!r} cannot load {models} ({first_line(e)}); it needs the "
+                                 f"hub once, or HF_HOME with a copy; or leave {name} out of the tasks") from None
+
+
 def parse_reward_spec(spec):
     """A reward from "name" or "name:weight,name:weight,...": the weighted sum of the scores
     (in [0, 1] when the weights are non-negative and sum to at most 1). Each image's info holds

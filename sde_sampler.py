@@ -208,7 +208,14 @@ def load_policy(model=DEFAULT_MODEL, device=None, dtype=None, resolution=None, t
     if index.exists():
         nulls = {k: None for k, v in json.loads(index.read_text()).items()
                  if isinstance(v, list) and v[0] is None}
-    pipe = StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype, **nulls)
+    try:
+        pipe = StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype, **nulls)
+    except (OSError, ValueError) as e:  # offline, gated, not a pipeline: one line, not a traceback
+        hint = (" (SD3.5-Medium is gated: accept its licence on the hub, `huggingface-cli login`, or pass "
+                "--model FOLDER with a copy)" if model == DEFAULT_MODEL else "")
+        text = str(e).strip().splitlines()
+        raise ValueError(f"cannot load the model {model!r}: {type(e).__name__}: {text[0][:200] if text else ''}"
+                         f"{hint}") from None
     pipe.set_progress_bar_config(disable=True)
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         module = getattr(pipe, name, None)

@@ -154,7 +154,8 @@ def main(argv=None):
         for n, s in teachers.items():
             print(f"teacher {n}: {s}")
     torch.manual_seed(cfg["seed"])  # the student's initial A: the same on every rank
-    policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"], t5_tokens=cfg["t5_tokens"])
+    with common.startup_errors():  # a model the hub cannot give: one line
+        policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"], t5_tokens=cfg["t5_tokens"])
     with common.startup_errors():
         for n, s in zip(names, sources):
             load_adapter(policy, s, n)

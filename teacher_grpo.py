@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import common
 from prompts import held_out_note, load_prompts, spread
-from rewards import get_reward, parse_reward_spec, set_device
+from rewards import get_reward, parse_reward_spec, preload, set_device
 from sde_sampler import (BASE, adapter_velocities, add_student, decode, encode, group_advantages, load_policy,
                          ppo_loss, resolve_model, rollout_batches, sde_step, transition_kl, velocity)
 from tinyworld import SAMPLING as TINY
@@ -134,6 +134,7 @@ def main(argv=None):
         out = Path(cfg["out"])
         resume_from = common.prepare_out(out, cfg["resume"])
         cfg["model"] = resolve_model(cfg["model"], cfg["preset"])
+        preload([*tasks, cfg["shared_reward"], *(eval_tasks if cfg["eval_every"] else [])])  # hub models now
     trained_steps = int(cfg["num_steps"] * cfg["timestep_fraction"])
     if master:
         out.mkdir(parents=True, exist_ok=True)
@@ -151,7 +152,8 @@ def main(argv=None):
     # setup: one base, the student LoRA on it, the optimizer and its EMA
     torch.manual_seed(cfg["seed"])
     set_device(device)
-    policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"], t5_tokens=cfg["t5_tokens"])
+    with common.startup_errors():  # a model the hub cannot give: one line
+        policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"], t5_tokens=cfg["t5_tokens"])
     encode(policy, sorted({r["prompt"] for r in train_rows + eval_rows}))
     if resume_from is not None:
         params = add_student(policy, init=resume_from)

@@ -161,3 +161,22 @@ def test_wandb_without_the_package_is_a_clear_error(tiny_pipe_dir, tmp_path, pro
         teacher_grpo.main(_args(tiny_pipe_dir, tmp_path / "x", prompt_file, wandb="proj"))
     assert "--wandb needs the wandb package: pip install wandb" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_unreachable_models_are_one_line_errors_at_startup(tiny_pipe_dir, tmp_path, prompt_file, monkeypatch, capsys):
+    """Offline (the tests set HF_HUB_OFFLINE), a hub-only reward in --eval_tasks stops the run
+    before the pipeline loads, naming the reward and its models; an unloadable model, and
+    SD3.5-M itself, stop it in one line too."""
+    def no_pipeline(*a, **k):
+        raise AssertionError("the pipeline was loaded before the reward was checked")
+    monkeypatch.setattr(teacher_grpo, "load_policy", no_pipeline)
+    with pytest.raises(SystemExit, match=r"^error: reward 'geneval' cannot load facebook/mask2former-swin-small"
+                                         r"-coco-instance and openai/clip-vit-large-patch14 \(.*leave geneval out"):
+        teacher_grpo.main(_args(tiny_pipe_dir, tmp_path / "x", prompt_file, eval_tasks="brightness,geneval"))
+    monkeypatch.undo()
+    with pytest.raises(SystemExit, match=r"^error: cannot load the model '.*nope': \w+Error"):
+        teacher_grpo.main(_args(tmp_path / "nope", tmp_path / "y", prompt_file))
+    with pytest.raises(SystemExit, match=r"^error: cannot load the model 'stabilityai/stable-diffusion-3.5-medium'.*"
+                                         r"gated.*--model FOLDER"):
+        teacher_grpo.main(_args("stabilityai/stable-diffusion-3.5-medium", tmp_path / "z", prompt_file))
+    assert "\n" not in capsys.readouterr().err.strip()
