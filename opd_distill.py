@@ -60,6 +60,7 @@ DEFAULTS = dict(
     num_steps=10,              # SDE steps per rollout
     eval_steps=40,
     guidance=4.5,              # CFG in rollouts and in every student/teacher/anchor velocity
+    teacher_guidance="",       # TASK=G,...,anchor=G: CFG of those labels instead (DiffusionOPD: geneval=1)
     noise_level=0.7,
     group_size=16,             # images per prompt
     prompts_per_step=16,       # prompts per optimizer step over all ranks
@@ -172,24 +173,44 @@ def task_schedule(step, sizes, prompts_per_step, epochs_per_task):
     raise AssertionError("unreachable")
 
 
+def parse_label_guidance(spec, tasks, default):
+    """"geneval=1,ocr=4.5,anchor=3" -> {task: CFG scale} for every teacher's task and "anchor",
+    the ones not named at the rollout's `default`. A teacher trained or best sampled at another
+    guidance gives its labels there (DiffusionOPD labels its GenEval teacher at CFG 1)."""
+    out = {t: default for t in [*tasks, "anchor"]}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        name, _, value = item.partition("=")
+        if name not in out:
+            raise ValueError(f"--teacher_guidance {item!r}: {name!r} is neither a teacher's task "
+                             f"({', '.join(tasks)}) nor anchor")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--teacher_guidance {item!r}: the scale must be a number") from None
+    return out
+
+
 # -----------------------------------------------------------------------------
 # one OPD step on one micro-batch: rollout, routed labels, MAR, loss and backward in one pass
 
-def distill_micro_batch(policy, prompts, routed, anchor, sigmas, trained_steps, generator, cfg, weight):
+def distill_micro_batch(policy, prompts, routed, anchor, sigmas, trained_steps, generator, cfg, weight,
+                        label_guidance=None):
     """Sample the student's SDE trajectories of `prompts` over the trained steps and accumulate
     weight * (the step losses) into the student's .grad, state by state. routed: each prompt's
-    teacher adapter; anchor: the MAR adapter (BASE for the base). Returns the per-sample KLs to
-    the routed teacher and to the anchor, each (B, trained_steps)."""
+    teacher adapter; anchor: the MAR adapter (BASE for the base). label_guidance: the CFG scale
+    of each label row (the routed teachers', then the anchor's); None: the rollout's. Returns
+    the per-sample KLs to the routed teacher and to the anchor, each (B, trained_steps)."""
     bs, g = len(prompts), cfg["guidance"]
     cond = encode(policy, prompts)
     names = routed + [anchor] * bs if cfg["beta_mar"] else routed  # one label forward: teachers, anchor
     copies = len(names) // bs
+    g_labels = g if label_guidance is None else torch.tensor(label_guidance[:len(names)], device=policy.device)
     label_cond = tuple(torch.cat([c] * copies) for c in cond)
     x = torch.randn((bs, *policy.latent_shape), generator=generator, device=generator.device).to(policy.device)
     kls, mars, replay = [], [], []
     for j in range(trained_steps):
         s, s_next = sigmas[j].item(), sigmas[j + 1].item()
-        labels = adapter_velocities(policy, torch.cat([x] * copies), s, label_cond, g, names)  # no_grad
+        labels = adapter_velocities(policy, torch.cat([x] * copies), s, label_cond, g_labels, names)  # no_grad
         v_teacher, v_anchor = labels[:bs], (labels[bs:] if cfg["beta_mar"] else None)
         v = velocity(policy, x, s, cond, g)                                               # the student
         x_next, log_prob, _, _ = sde_step(v.detach(), x, s, s_next, cfg["noise_level"], generator=generator)
@@ -232,6 +253,7 @@ def main(argv=None):
         epochs = {t: float(e) for t, _, e in (s.partition("=") for s in cfg["epochs_per_task"].split(",") if s)}
         if set(epochs) - set(teachers):
             raise ValueError(f"--epochs_per_task names tasks without a teacher: {sorted(set(epochs) - set(teachers))}")
+        label_g = parse_label_guidance(cfg["teacher_guidance"], list(teachers), cfg["guidance"])
         files = common.parse_prompt_files(cfg["prompts"], list(teachers))
         train_rows = {t: load_prompts(t, "train", files.get(t)) for t in teachers}
         eval_tasks = [t for t in (cfg["eval_tasks"].split(",") if cfg["eval_tasks"] else teachers) if t]
@@ -281,6 +303,9 @@ def main(argv=None):
         print(f"train prompts: {', '.join(f'{t} {len(r)}' for t, r in train_rows.items())}")
         for note in filter(None, map(held_out_note, files.values())):
             print(note)
+        if cfg["teacher_guidance"]:
+            print("label guidance: " + ", ".join(f"{k} {v:g}" for k, v in label_g.items())
+                  + f" (rollout and student {cfg['guidance']:g})")
         print(f"teachers {teachers} | anchor {cfg['anchor'] or 'base'} (beta_mar {cfg['beta_mar']}) | "
               f"init {init or 'fresh LoRA'} | loss {cfg['loss']} | routing {cfg['routing']}")
         print(f"per step: {cfg['prompts_per_step']} prompts x group {cfg['group_size']} = "
@@ -311,8 +336,10 @@ def main(argv=None):
         for m in range(micro):
             idx = torch.arange(m * cfg["batch_size"], (m + 1) * cfg["batch_size"])
             rows_m = [batch_rows[i] for i in idx.tolist()]
+            lg = ([label_g[r["task"]] for r in rows_m] + [label_g["anchor"]] * len(rows_m)
+                  if cfg["teacher_guidance"] else None)
             kl, mar = distill_micro_batch(policy, [r["prompt"] for r in rows_m], [routes[r["task"]] for r in rows_m],
-                                          anchor, sigmas, trained_steps, gen, cfg, 1 / (micro * trained_steps))
+                                          anchor, sigmas, trained_steps, gen, cfg, 1 / (micro * trained_steps), lg)
             kl_cnt[:, 0] += torch.bincount(task_ids[idx], minlength=len(teachers))
             kl_sum += torch.zeros(len(teachers), trained_steps).index_add_(0, task_ids[idx], kl.cpu())
             mar_sum += mar.sum(0).cpu()

@@ -257,19 +257,20 @@ def encode(policy, prompts, negative_prompt=""):
 
 
 def velocity(policy, x, sigma, cond, guidance):
-    """The (guided) velocity of the active adapter at state x. cond = encode(...) output.
-    The uncond and cond halves go through one batched forward, as diffusers does."""
+    """The (guided) velocity of the active adapter at state x. cond = encode(...) output;
+    guidance a float or one per sample, a (B,) tensor. The uncond and cond halves go through one
+    batched forward, as diffusers does (a float guidance of 1 needs the cond half only)."""
     e, p, ne, npool = cond
     t = _per_sample(sigma, x).reshape(-1).expand(x.shape[0]) * 1000
     with policy.autocast():
-        if guidance == 1.0:
+        if not torch.is_tensor(guidance) and guidance == 1.0:
             return policy.transformer(hidden_states=x.to(policy.dtype), timestep=t, encoder_hidden_states=e,
                                       pooled_projections=p, return_dict=False)[0].float()
         out = policy.transformer(hidden_states=torch.cat([x, x]).to(policy.dtype), timestep=torch.cat([t, t]),
                                  encoder_hidden_states=torch.cat([ne, e]),
                                  pooled_projections=torch.cat([npool, p]), return_dict=False)[0].float()
     v_uncond, v_cond = out.chunk(2)
-    return guide(v_uncond, v_cond, guidance)
+    return guide(v_uncond, v_cond, _per_sample(guidance, v_cond) if torch.is_tensor(guidance) else guidance)
 
 
 @torch.no_grad()

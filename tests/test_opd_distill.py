@@ -174,6 +174,29 @@ def test_one_pass_gradient_equals_the_two_pass_gradient(policy, tmp_path, loss, 
     torch.testing.assert_close(grads["one"], grads["two"], rtol=1e-4, atol=1e-7)
 
 
+def test_per_teacher_guidance_in_one_forward(policy, tmp_path):
+    """--teacher_guidance: label rows at different CFG scales in one mixed-adapter forward equal
+    each adapter's velocity at its own scale; the rollout's guidance everywhere is the default path."""
+    from sde_sampler import adapter_velocities
+    for k, name in enumerate(["count", "text"]):
+        _lora(policy, tmp_path / name, seed=30 + k, std=0.1)
+        load_adapter(policy, tmp_path / name, name)
+    cond = encode(policy, ["a red circle", 'the text "ab"', "two blue squares"])
+    x = torch.randn(3, *policy.latent_shape, generator=torch.Generator().manual_seed(0))
+    names, scales = ["count", "text", "count"], [1.0, 4.5, 3.0]
+    with torch.no_grad():
+        got = adapter_velocities(policy, x, 0.6, cond, torch.tensor(scales), names)
+        for i, (n, g) in enumerate(zip(names, scales)):
+            with using_adapter(policy, n):
+                one = velocity(policy, x[i:i + 1], 0.6, tuple(c[i:i + 1] for c in cond), g)
+            torch.testing.assert_close(got[i:i + 1], one, rtol=1e-4, atol=1e-5)
+        same = adapter_velocities(policy, x, 0.6, cond, torch.tensor([4.5] * 3), names)
+        torch.testing.assert_close(same, adapter_velocities(policy, x, 0.6, cond, 4.5, names), rtol=1e-5, atol=1e-6)
+    assert (got[0] - same[0]).abs().max() > 1e-3  # the scale matters (the control)
+    assert opd_distill.parse_label_guidance("text=1, anchor=2", ["count", "text"], 4.5) == \
+        {"count": 4.5, "text": 1.0, "anchor": 2.0}
+
+
 def _args(pipe_dir, out, teachers, **over):
     cfg = dict(model=str(pipe_dir), out=str(out), resolution=32, num_steps=3, eval_steps=3, group_size=2,
                prompts_per_step=2, batch_size=4, lr=1e-3, max_steps=2, eval_every=0, eval_tasks="count,text",
@@ -195,6 +218,11 @@ def test_self_teacher_gives_zero_loss_and_gradient(tiny_pipe_dir, tmp_path):
     opd_distill.main(_args(tiny_pipe_dir, tmp_path / "run2", [f"count={tmp_path / 'other'}"], beta_mar=0.0,
                            init=tmp_path / "count", max_steps=1))
     rec = [json.loads(line) for line in open(tmp_path / "run2" / "metrics.jsonl")][0]
+    assert rec["kl"] > 0 and rec["grad_norm"] > 0
+    # the self-teacher labelled at another guidance than the student's is another target
+    opd_distill.main(_args(tiny_pipe_dir, tmp_path / "run3", [f"count={tmp_path / 'count'}"], beta_mar=0.0,
+                           init=tmp_path / "count", max_steps=1, teacher_guidance="count=1"))
+    rec = [json.loads(line) for line in open(tmp_path / "run3" / "metrics.jsonl")][0]
     assert rec["kl"] > 0 and rec["grad_norm"] > 0
     assert set(rec["kl_by_step"]["count"]) and len(rec["kl_by_step"]["count"]) == 2
 
@@ -259,6 +287,10 @@ def test_bad_inputs(tiny_pipe_dir, tmp_path):
         opd_distill.main(_args(tiny_pipe_dir, tmp_path / "r", [ok, f"text={tmp_path / 'missing_dir'}"]))
     with pytest.raises(SystemExit, match="no built-in prompts for task 'nonsense'"):
         opd_distill.main(_args(tiny_pipe_dir, tmp_path / "r", [ok, f"nonsense={tmp_path / 'count'}"]))
+    with pytest.raises(SystemExit, match=r"--teacher_guidance 'ocr=1': 'ocr' is neither a teacher's task \(count\) nor anchor"):
+        opd_distill.main(_args(tiny_pipe_dir, tmp_path / "r", [ok], teacher_guidance="ocr=1"))
+    with pytest.raises(SystemExit, match=r"--teacher_guidance 'count=x': the scale must be a number"):
+        opd_distill.main(_args(tiny_pipe_dir, tmp_path / "r", [ok], teacher_guidance="count=x"))
     with pytest.raises(SystemExit, match="task 'count' has two teachers"):
         opd_distill.main(_args(tiny_pipe_dir, tmp_path / "r", [ok, ok]))
     other_dir = tmp_path / "other_base"
