@@ -239,15 +239,26 @@ def encode(policy, prompts, negative_prompt=""):
         encoders = [m for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3) if m is not None]
         for m in encoders:
             m.to(policy.device)
-        for i in range(0, len(missing), 32):
-            chunk = missing[i:i + 32]
-            e, _, p, _ = pipe.encode_prompt(prompt=chunk, prompt_2=None, prompt_3=None,
-                                            do_classifier_free_guidance=False, device=policy.device,
-                                            max_sequence_length=policy.t5_tokens)
-            for j, text in enumerate(chunk):
-                policy.embeds[text] = (e[j].cpu(), p[j].cpu())
+        # diffusers warns once per batch of 32 (with the cut words); one line per call says it all
+        log = logging.getLogger("diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3")
+        level, _ = log.level, log.setLevel(logging.ERROR)
+        try:
+            for i in range(0, len(missing), 32):
+                chunk = missing[i:i + 32]
+                e, _, p, _ = pipe.encode_prompt(prompt=chunk, prompt_2=None, prompt_3=None,
+                                                do_classifier_free_guidance=False, device=policy.device,
+                                                max_sequence_length=policy.t5_tokens)
+                for j, text in enumerate(chunk):
+                    policy.embeds[text] = (e[j].cpu(), p[j].cpu())
+        finally:
+            log.setLevel(level)
         for m in encoders:  # text encoders are dead weight on the accelerator after encoding
             m.to("cpu")
+        cut = [t for t in missing if pipe.tokenizer_3 is not None
+               and len(pipe.tokenizer_3(t).input_ids) > policy.t5_tokens]
+        if cut:
+            print(f"note: {len(cut)} of {len(missing)} prompts are longer than --t5_tokens {policy.t5_tokens} "
+                  f"T5 tokens and are cut there, e.g. {cut[0][:60]!r}")
     e = torch.stack([policy.embeds[p][0] for p in prompts]).to(policy.device, policy.dtype)
     p = torch.stack([policy.embeds[p][1] for p in prompts]).to(policy.device, policy.dtype)
     ne, npool = policy.embeds[negative_prompt]

@@ -228,7 +228,6 @@ def test_scores_per_prompt_tag():
     scoring other tasks' images (pickscore) and a one-tag task are not."""
     rows = [{"task": "count", "row": i, "metadata": {"tag": tag}} for i, tag in enumerate(("single", "single", "position"))] + \
            [{"task": "text", "row": 0, "metadata": {"tag": "text"}}]
-    plan = {"count": [0, 1, 2], "text": [3], "pickscore": [0, 1, 2, 3]}
     records = [{"job": i, "task": t, "score": s, "info": info} for t, i, s, info in [
         ("count", 0, 1.0, {"strict": True}), ("count", 1, 0.5, {"strict": False}),
         ("count", 2, 0.1, {"strict": False}), ("text", 3, 0.3, {"strict": False}),

@@ -1,0 +1,150 @@
+"""Every stage through its command line, WITHOUT --preset, on a random miniature of SD3.5-Medium's
+structure (tests/sd35_miniature.py: 16-channel VAE with SD3.5's scaling and shift, CLIP-L/G and
+T5 encoders, dual attention, RMS qk-norm): the code path a GPU user runs, cut short by flags."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import eval as evaluation
+import merge_coldstart
+import opd_distill
+import rewards
+import sft_coldstart
+import teacher_grpo
+from sd35_miniature import SD35, build_sd35_miniature
+from sde_sampler import LORA_TARGETS, decode, encode, load_policy
+
+REPO = Path(__file__).resolve().parents[1]
+SHORT = dict(resolution=64, t5_tokens=8, num_steps=3, eval_steps=2, group_size=2, prompts_per_step=2,
+             batch_size=4, max_steps=2, eval_prompts=2, save_every=1, lora_rank=4, lora_alpha=8)
+GRPO = dict(SHORT, updates_per_step=1)
+
+
+def flags(**kw):
+    return [x for k, v in kw.items() for x in ([f"--{k}", *map(str, v)] if isinstance(v, list) else [f"--{k}", str(v)])]
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sd35_miniature")
+    build_sd35_miniature(d)
+    return d
+
+
+@pytest.fixture
+def geneval_models(tmp_path, monkeypatch):
+    """GenEval's detector and CLIP as tiny random models (the real ones need the hub)."""
+    from test_rewards import tiny_clip, tiny_mask2former
+    detector, detector_processor = tiny_mask2former("dog")
+    clip, clip_processor = tiny_clip(tmp_path)
+    monkeypatch.setitem(rewards.MODELS, "geneval", {"detector": detector, "detector_processor": detector_processor,
+                                                    "clip": clip, "clip_processor": clip_processor})
+
+
+def test_the_miniature_has_sd35_structure_and_decodes_through_its_vae(mini):
+    policy = load_policy(str(mini), device="cpu", t5_tokens=8)
+    cfg = policy.transformer.config
+    assert cfg.qk_norm == "rms_norm" and list(cfg.dual_attention_layers) == [0, 1] and cfg.in_channels == 16
+    vae = policy.pipe.vae.config
+    assert (vae.scaling_factor, vae.shift_factor, vae.latent_channels) == (SD35["scaling_factor"],
+                                                                           SD35["shift_factor"], 16)
+    assert policy.latent_shape == (16, 8, 8) and policy.resolution == 64
+    e, p, ne, npool = encode(policy, ["a red dog", "a blue cat"])
+    assert e.shape == (2, 77 + 8, 48) and p.shape == (2, 48)  # CLIP tokens + T5 tokens, T5's width
+    names = [n for n, _ in policy.transformer.named_modules()]
+    assert any(".attn2." in n for n in names)  # the dual-attention blocks' second (image-only) attention
+    z = torch.randn(1, *policy.latent_shape)
+    want = policy.pipe.vae.decode(z / SD35["scaling_factor"] + SD35["shift_factor"], return_dict=False)[0]
+    want = ((want / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)[0].permute(1, 2, 0).numpy()
+    assert (decode(policy, z)[0].size == (64, 64)) and (torch.from_numpy(want).numpy() == decode(policy, z)[0]).all()
+
+
+def test_every_stage_on_the_miniature(mini, tmp_path, geneval_models, capsys, caplog):
+    m = str(mini)
+    # stage 1: a teacher with the OCR reward (RapidOCR, offline), then GRPO-Mix on ocr + geneval
+    teacher_grpo.main(flags(model=m, reward="ocr", out=tmp_path / "ocr", eval_every=2, eval_tasks="ocr", **GRPO))
+    teacher_grpo.main(flags(model=m, tasks="ocr,geneval", out=tmp_path / "mix", eval_every=0, **GRPO))
+    teacher_grpo.main(flags(model=m, reward="geneval", out=tmp_path / "geneval", eval_every=0, **GRPO))
+    lora = load_file(str(tmp_path / "ocr" / "final" / "pytorch_lora_weights.safetensors"))
+    # Flow-GRPO's targets: the joint attention's 8 projections in every block (the last block's text
+    # stream is pre-only, no to_add_out), not attn2 beside them (the published SD3.5-M LoRAs lack it too)
+    layers = {k.split(".lora_")[0] for k in lora}
+    assert len(layers) == 3 * len(LORA_TARGETS) - 1 and not any(".attn2." in k for k in layers)
+    evals = [r for r in map(json.loads, open(tmp_path / "ocr" / "metrics.jsonl")) if "eval" in r]
+    assert [r["step"] for r in evals] == [0, 2] and evals[0]["eval"]["ocr"]["n"] == 2
+    T = [f"ocr={tmp_path / 'ocr' / 'final'}", f"geneval={tmp_path / 'geneval' / 'final'}"]
+    # cold starts: exact and svd merges, SFT on the teachers' samples
+    for method in ("exact", "svd"):
+        merge_coldstart.main(flags(model=m, teachers=T, method=method, out=tmp_path / f"merge_{method}"))
+        assert (tmp_path / f"merge_{method}" / "final" / "adapter_model.safetensors").exists()
+    sft_coldstart.main(flags(model=m, teachers=T, out=tmp_path / "sft", resolution=64, t5_tokens=8, sample_steps=2,
+                             samples_per_task=4, batch_size=4, max_steps=2, probe_samples=2, probe_every=1,
+                             save_every=1, lora_rank=4, lora_alpha=8))
+    # stage 2 from the merge, the routed teachers' labels and MAR on the base
+    opd = flags(model=m, teachers=T, init=tmp_path / "merge_exact" / "final", eval_every=0, beta_mar=0.1, **SHORT)
+    opd_distill.main(opd + ["--out", str(tmp_path / "opd")])
+    rec = [json.loads(line) for line in open(tmp_path / "opd" / "metrics.jsonl")]
+    assert [r["step"] for r in rec] == [1, 2] and set(rec[0]["kl_by_task"]) <= {"ocr", "geneval"}
+    assert all(r["kl"] > 0 and r["mar_kl"] > 0 and r["grad_norm"] > 0 for r in rec)
+    # interrupted after step 1 and resumed: the weights of the straight run, bit for bit
+    opd_distill.main(opd + ["--out", str(tmp_path / "opd_cut"), "--max_steps", "1"])
+    opd_distill.main(opd + ["--out", str(tmp_path / "opd_cut"), "--resume"])
+    a = load_file(str(tmp_path / "opd" / "final" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "opd_cut" / "final" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # eval: every checkpoint on ocr and geneval, VAE-decoded images in the grid
+    evaluation.main(flags(model=m, tasks="ocr,geneval", num_prompts=2, resolution=64, t5_tokens=8, eval_steps=2,
+                          batch_size=4, out=tmp_path / "eval",
+                          ckpt=["base", *T, f"opd={tmp_path / 'opd' / 'final'}", f"sft={tmp_path / 'sft' / 'final'}"]))
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert list(results) == ["base", "ocr", "geneval", "opd", "sft"]
+    assert all(set(r) == {"ocr", "geneval"} and r["ocr"]["n"] == 2 for r in results.values())
+    # prompts longer than --t5_tokens: one note per encoding, not diffusers' warning per batch of 32
+    assert not [r for r in caplog.records if "truncated" in r.getMessage()]
+    assert "longer than --t5_tokens 8 T5 tokens and are cut there" in capsys.readouterr().out
+
+
+def test_torchrun_opd_on_the_miniature(mini, tmp_path):
+    from conftest import random_teacher
+    policy = load_policy(str(mini), device="cpu", t5_tokens=8)
+    T = [f"{task}={random_teacher(policy, tmp_path / task, task, seed=k, r=4, alpha=8)}"
+         for k, task in enumerate(["ocr", "geneval"])]
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
+           str(REPO / "opd_distill.py"), *flags(model=mini, teachers=T, out=out, eval_every=0,
+                                               **{**SHORT, "batch_size": 2})]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "ranks in sync: 2 ranks hold identical LoRA weights" in res.stdout
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2]
+
+
+def test_bf16_weights_fp32_student(mini, tmp_path):
+    """SD3.5-M runs in bf16 on CUDA; here the same dtype on the CPU: the frozen base and teachers
+    in bf16, the student LoRA trained in fp32, labels and loss finite, images decoded by a bf16 VAE."""
+    from conftest import random_teacher
+    from opd_distill import distill_micro_batch
+    from sde_sampler import add_student, rollout, sd3_sigmas
+    policy = load_policy(str(mini), device="cpu", dtype=torch.bfloat16, t5_tokens=8)
+    teacher = random_teacher(policy, tmp_path / "ocr", "ocr", seed=1, r=4, alpha=8)
+    from sde_sampler import load_adapter
+    load_adapter(policy, teacher, "ocr_teacher")
+    params = add_student(policy, rank=4, alpha=8)
+    assert policy.transformer.dtype == torch.bfloat16 and all(p.dtype == torch.float32 for p in params)
+    cfg = dict(guidance=4.5, noise_level=0.7, kl_weighting="velocity", loss="pathwise", beta_mar=0.1,
+               clip_range=1e-4, gamma=0.0)
+    kl, mar = distill_micro_batch(policy, ['a sign that says "hello"', "a red dog"], ["ocr_teacher"] * 2, "base",
+                                  sd3_sigmas(policy.pipe.scheduler.config, 3), 2, torch.Generator().manual_seed(0),
+                                  cfg, 0.5)
+    grads = torch.cat([p.grad.reshape(-1) for p in params])
+    assert torch.isfinite(kl).all() and (kl > 0).all() and torch.isfinite(mar).all()
+    assert torch.isfinite(grads).all() and grads.abs().max() > 0
+    out = rollout(policy, ["a red dog"], 2, 4.5, 0.0, generator=torch.Generator().manual_seed(0))
+    assert decode(policy, out["latents"])[0].size == (64, 64)
