@@ -44,7 +44,7 @@ import tinyworld
 from prompts import BUILTIN, TINY_TASKS, load_prompts
 from rewards import get_reward, preload, set_device
 from common import SEED_STRIDE
-from sde_sampler import BASE, encode, load_adapter, load_policy, read_lora, resolve_model
+from sde_sampler import BASE, cache_prompts, load_adapter, load_policy, read_lora, resolve_model
 
 # -----------------------------------------------------------------------------
 # defaults: SD3.5-Medium's eval settings (Flow-GRPO's); --preset tiny swaps in the tiny world
@@ -60,6 +60,7 @@ DEFAULTS = dict(
     cache_dir="",                    # generated images, by content key; empty: OUT/cache
     resolution=512,
     t5_tokens=256,  # T5 tokens per prompt (max_sequence_length); the tiny base has no T5 and uses 1
+    embed_cache_gb=4.0,        # host RAM for prompt embeddings per process (SD3.5-M: 2.6 MiB a prompt)
     eval_steps=40,                   # ODE steps
     guidance=4.5,
     batch_size=8,                    # images per forward pass, per rank
@@ -254,7 +255,8 @@ def main(argv=None):
 
     set_device(device)
     with common.startup_errors():  # a model the hub cannot give: one line
-        policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"], t5_tokens=cfg["t5_tokens"])
+        policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"], t5_tokens=cfg["t5_tokens"],
+                             cache_gb=cfg["embed_cache_gb"])
     adapters = {}
     with common.startup_errors():
         for k, (name, source) in enumerate(ckpts.items()):
@@ -271,7 +273,7 @@ def main(argv=None):
              for name in ckpts}
     missing = sum(not p.exists() for ps in paths.values() for p in ps)
     if missing:  # every rank embeds all prompts in one call, so the text encoders see the same batches
-        encode(policy, sorted({r["prompt"] for r in rows}))
+        cache_prompts(policy, [r["prompt"] for r in rows])
     grid_rows = {t: idx[: cfg["grid_prompts"]] for t, idx in plan.items()}
     show = set(i for idx in grid_rows.values() for i in idx)
     k = cfg["images_per_prompt"]

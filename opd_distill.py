@@ -42,8 +42,8 @@ from tqdm import tqdm
 import common
 from prompts import held_out_note, load_prompts, spread
 from rewards import get_reward, preload, set_device
-from sde_sampler import (BASE, adapter_velocities, add_student, encode, load_adapter, load_policy, ppo_loss,
-                         resolve_model, sd3_sigmas, sde_step, transition_kl, velocity)
+from sde_sampler import (BASE, adapter_velocities, add_student, cache_prompts, encode, load_adapter,
+                         load_policy, ppo_loss, resolve_model, sd3_sigmas, sde_step, transition_kl, velocity)
 from tinyworld import SAMPLING as TINY
 
 # -----------------------------------------------------------------------------
@@ -57,6 +57,7 @@ DEFAULTS = dict(
     out="runs/opd",
     resolution=512,
     t5_tokens=256,  # T5 tokens per prompt (max_sequence_length); the tiny base has no T5 and uses 1
+    embed_cache_gb=4.0,        # host RAM for prompt embeddings per process (SD3.5-M: 2.6 MiB a prompt)
     num_steps=10,              # SDE steps per rollout
     eval_steps=40,
     guidance=4.5,              # CFG in rollouts and in every student/teacher/anchor velocity
@@ -275,7 +276,8 @@ def main(argv=None):
         # one base in memory; teachers, anchor and student are adapters on it, all checked first
         torch.manual_seed(cfg["seed"])
         set_device(device)
-        policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"], t5_tokens=cfg["t5_tokens"])
+        policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"], t5_tokens=cfg["t5_tokens"],
+                             cache_gb=cfg["embed_cache_gb"])
         # a task's adapter: its teacher LoRA, or the base itself for TASK=base
         routes = {task: BASE if path == BASE else load_adapter(policy, path, task) for task, path in teachers.items()}
         anchor = BASE
@@ -287,7 +289,7 @@ def main(argv=None):
     trained_steps = int(cfg["num_steps"] * cfg["timestep_fraction"])
     sigmas = sd3_sigmas(policy.pipe.scheduler.config, cfg["num_steps"])
     all_rows = [r for rows in train_rows.values() for r in rows]
-    encode(policy, sorted({r["prompt"] for r in all_rows + eval_rows}))
+    cache_prompts(policy, [r["prompt"] for r in all_rows + eval_rows])
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     ema = common.ema_init(params)
     step = 0

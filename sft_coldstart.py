@@ -38,6 +38,7 @@ DEFAULTS = dict(
     out="runs/sft",
     resolution=512,
     t5_tokens=256,            # T5 tokens per prompt (max_sequence_length); the tiny base has no T5 and uses 1
+    embed_cache_gb=4.0,        # host RAM for prompt embeddings per process (SD3.5-M: 2.6 MiB a prompt)
     samples_per_task=1000,    # teacher samples per task, on that task's train prompts (cycled if fewer)
     sample_steps=40,          # ODE steps per teacher sample (the eval setting: the teachers' best images)
     guidance=4.5,             # CFG when sampling the teachers and in the student's training forward
@@ -155,7 +156,8 @@ def main(argv=None):
             print(f"teacher {n}: {s}")
     torch.manual_seed(cfg["seed"])  # the student's initial A: the same on every rank
     with common.startup_errors():  # a model the hub cannot give: one line
-        policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"], t5_tokens=cfg["t5_tokens"])
+        policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"], t5_tokens=cfg["t5_tokens"],
+                             cache_gb=cfg["embed_cache_gb"])
     with common.startup_errors():
         for n, s in zip(names, sources):
             load_adapter(policy, s, n)

@@ -25,8 +25,9 @@ from tqdm import tqdm
 import common
 from prompts import held_out_note, load_prompts, spread
 from rewards import get_reward, parse_reward_spec, preload, set_device
-from sde_sampler import (BASE, adapter_velocities, add_student, decode, encode, group_advantages, load_policy,
-                         ppo_loss, resolve_model, rollout_batches, sde_step, transition_kl, velocity)
+from sde_sampler import (BASE, adapter_velocities, add_student, cache_prompts, decode, encode,
+                         group_advantages, load_policy, ppo_loss, resolve_model, rollout_batches, sde_step,
+                         transition_kl, velocity)
 from tinyworld import SAMPLING as TINY
 
 # -----------------------------------------------------------------------------
@@ -40,6 +41,7 @@ DEFAULTS = dict(
     out="runs/teacher",
     resolution=512,
     t5_tokens=256,  # T5 tokens per prompt (max_sequence_length); the tiny base has no T5 and uses 1
+    embed_cache_gb=4.0,        # host RAM for prompt embeddings per process (SD3.5-M: 2.6 MiB a prompt)
     num_steps=10,             # SDE steps per rollout
     eval_steps=40,            # ODE steps for evaluation
     guidance=4.5,             # CFG in rollouts and in every training forward
@@ -153,8 +155,9 @@ def main(argv=None):
     torch.manual_seed(cfg["seed"])
     set_device(device)
     with common.startup_errors():  # a model the hub cannot give: one line
-        policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"], t5_tokens=cfg["t5_tokens"])
-    encode(policy, sorted({r["prompt"] for r in train_rows + eval_rows}))
+        policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"], t5_tokens=cfg["t5_tokens"],
+                             cache_gb=cfg["embed_cache_gb"])
+    cache_prompts(policy, [r["prompt"] for r in train_rows + eval_rows])
     if resume_from is not None:
         params = add_student(policy, init=resume_from)
     else:

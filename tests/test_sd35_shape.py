@@ -148,3 +148,50 @@ def test_bf16_weights_fp32_student(mini, tmp_path):
     assert torch.isfinite(grads).all() and grads.abs().max() > 0
     out = rollout(policy, ["a red dog"], 2, 4.5, 0.0, generator=torch.Generator().manual_seed(0))
     assert decode(policy, out["latents"])[0].size == (64, 64)
+
+
+def _rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+PER_PROMPT = ((77 + 64) * 48 + 48) * 4  # the miniature's embeddings: (CLIP + T5 tokens) x width + pooled, fp32
+PROMPTS = [f"a red dog and {i} blue cats" for i in range(3000)]  # 3000 x 27 kB = 82 MB
+
+
+def encode_all(pipe_dir, cache_gb):
+    """What a training run does with its prompts: cache them up front if they fit, then encode
+    batches of 25. Returns (the process's RSS growth, the cache's bytes, the policy)."""
+    from sde_sampler import _nbytes, cache_prompts
+    policy = load_policy(str(pipe_dir), device="cpu", t5_tokens=64, cache_gb=cache_gb)
+    encode(policy, PROMPTS[:1])
+    before = _rss()
+    cache_prompts(policy, PROMPTS)
+    for i in range(0, len(PROMPTS), 25):
+        encode(policy, PROMPTS[i:i + 25])
+    return _rss() - before, sum(map(_nbytes, policy.embeds.values())), policy
+
+
+def test_embedding_cache_is_bounded_and_so_is_host_memory(mini, capsys):
+    """More prompts than --embed_cache_gb holds (OPD on ocr + geneval: 9,010 at 2.6 MiB each):
+    encoded when a batch needs them, least recently used out, host memory bounded; the same
+    prompts in an unbounded cache grow the process by all their embeddings (the control). RSS
+    is measured in fresh processes (this one's heap holds what earlier tests freed)."""
+    bound = 100 * PER_PROMPT / 2**30
+    _, used, policy = encode_all(mini, bound)
+    assert "exceed the 0.0 GiB cache" in capsys.readouterr().out and policy.keep_encoders
+    assert len(policy.embeds) <= 101 and used <= policy.cache_bytes
+    assert PROMPTS[0] not in policy.embeds  # evicted long ago: encoded again, to the same values
+    again = encode(policy, PROMPTS[:1])[0]
+    _, used_all, full = encode_all(mini, 1.0)
+    assert len(full.embeds) == len(PROMPTS) + 1 and used_all >= len(PROMPTS) * PER_PROMPT
+    torch.testing.assert_close(again, encode(full, PROMPTS[:1])[0], rtol=1e-5, atol=1e-6)
+    growth = {}
+    for gb in (bound, 1.0):
+        code = (f"import sys; sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]; import test_sd35_shape as t; "
+                f"print(t.encode_all({str(mini)!r}, {gb!r})[0])")
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert res.returncode == 0, res.stderr[-2000:]
+        growth[gb] = int(res.stdout.strip().splitlines()[-1])
+    assert growth[1.0] > 60e6 and growth[bound] < growth[1.0] / 3, growth
