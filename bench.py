@@ -32,8 +32,9 @@ from pathlib import Path
 
 import torch
 
+from lora import add_student, load_adapter, save_adapter
 from pretrain_tiny import build_tiny_pipeline
-from sde_sampler import TINY_MODEL, add_student, encode, load_adapter, load_policy, rollout, save_adapter
+from sde_sampler import TINY_MODEL, encode, load_policy, rollout
 from tinyworld import SAMPLING, VOCAB_WORDS
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

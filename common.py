@@ -271,7 +271,7 @@ def save_checkpoint(policy, out, step, state, config, keep=2):
     """Write out/checkpoint-{step}: the student's LoRA (a diffusers folder), config.json and
     training_state.pt, all under a temporary name first so a crash never leaves a corrupt one.
     Older checkpoints beyond `keep` are deleted afterwards."""
-    from sde_sampler import save_adapter
+    from lora import save_adapter
     folder = Path(out) / f"checkpoint-{step:06d}"
     save_adapter(policy, policy.student, folder, extra_files={"config.json": config},
                  extra_state={"training_state.pt": state})
@@ -282,7 +282,7 @@ def save_checkpoint(policy, out, step, state, config, keep=2):
 
 def save_final(policy, out, config):
     """out/final/: the student's LoRA (diffusers folder) with the run's config beside it."""
-    from sde_sampler import save_adapter
+    from lora import save_adapter
     return save_adapter(policy, policy.student, Path(out) / "final", extra_files={"config.json": config})
 
 

@@ -41,10 +41,11 @@ from tqdm import tqdm
 
 import common
 import tinyworld
+from common import SEED_STRIDE
+from lora import load_adapter, read_lora
 from prompts import BUILTIN, TINY_TASKS, load_prompts
 from rewards import get_reward, preload, set_device
-from common import SEED_STRIDE
-from sde_sampler import BASE, cache_prompts, load_adapter, load_policy, read_lora, resolve_model
+from sde_sampler import BASE, cache_prompts, load_policy, resolve_model
 
 # -----------------------------------------------------------------------------
 # defaults: SD3.5-Medium's eval settings (Flow-GRPO's); --preset tiny swaps in the tiny world

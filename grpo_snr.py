@@ -23,9 +23,10 @@ import torch
 
 import common
 import teacher_grpo
+from lora import add_student
 from prompts import load_prompts, spread
 from rewards import get_reward, preload, set_device
-from sde_sampler import add_student, decode, encode, group_advantages, load_policy, resolve_model, rollout_batches
+from sde_sampler import decode, encode, group_advantages, load_policy, resolve_model, rollout_batches
 
 DEFAULTS = dict(teacher_grpo.DEFAULTS, batches=4, probe_prompts=1)
 

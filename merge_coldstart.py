@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 import common
-from sde_sampler import check_lora_fits, read_lora, resolve_model, save_lora
+from lora import check_lora_fits, read_lora, save_lora
+from sde_sampler import resolve_model
 
 # -----------------------------------------------------------------------------
 # defaults: SD3.5-Medium; --preset tiny merges onto the tiny base

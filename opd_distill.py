@@ -40,10 +40,11 @@ import torch
 from tqdm import tqdm
 
 import common
+from lora import add_student, load_adapter
 from prompts import held_out_note, load_prompts, spread
 from rewards import get_reward, preload, set_device
-from sde_sampler import (BASE, adapter_velocities, add_student, cache_prompts, encode, load_adapter,
-                         load_policy, ppo_loss, resolve_model, sd3_sigmas, sde_step, transition_kl, velocity)
+from sde_sampler import (BASE, adapter_velocities, cache_prompts, encode, load_policy, ppo_loss,
+                         resolve_model, sd3_sigmas, sde_step, transition_kl, velocity)
 from tinyworld import SAMPLING as TINY
 
 # -----------------------------------------------------------------------------

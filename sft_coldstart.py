@@ -25,9 +25,9 @@ import torch
 from tqdm import tqdm
 
 import common
+from lora import add_student, load_adapter, read_lora
 from prompts import load_prompts
-from sde_sampler import (add_student, encode, initial_noise, load_adapter, load_policy, read_lora, resolve_model,
-                         rollout, velocity)
+from sde_sampler import encode, initial_noise, load_policy, resolve_model, rollout, velocity
 from tinyworld import SAMPLING as TINY
 
 # -----------------------------------------------------------------------------

@@ -23,11 +23,12 @@ import torch
 from tqdm import tqdm
 
 import common
+from lora import add_student
 from prompts import held_out_note, load_prompts, spread
 from rewards import get_reward, parse_reward_spec, preload, set_device
-from sde_sampler import (BASE, adapter_velocities, add_student, cache_prompts, decode, encode,
-                         group_advantages, load_policy, ppo_loss, resolve_model, rollout_batches, sde_step,
-                         transition_kl, velocity)
+from sde_sampler import (BASE, adapter_velocities, cache_prompts, decode, encode, group_advantages,
+                         load_policy, ppo_loss, resolve_model, rollout_batches, sde_step, transition_kl,
+                         velocity)
 from tinyworld import SAMPLING as TINY
 
 # -----------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def policy(tiny_pipe_dir):
 def random_teacher(policy, folder, name, seed, r, alpha, targets=None, rank_pattern=None, alpha_pattern=None):
     """A random LoRA saved as a diffusers folder; the live adapter stays on the policy."""
     from peft import LoraConfig
-    from sde_sampler import LORA_TARGETS, save_adapter
+    from lora import LORA_TARGETS, save_adapter
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets or LORA_TARGETS, rank_pattern=rank_pattern or {},
                         alpha_pattern=alpha_pattern or {}, init_lora_weights="gaussian")
     with warnings.catch_warnings():

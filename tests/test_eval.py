@@ -14,7 +14,8 @@ from PIL import Image
 
 import common
 import eval as evaluation
-from sde_sampler import add_student, load_policy, save_adapter
+from lora import add_student, save_adapter
+from sde_sampler import load_policy
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ["count", "text", "clean"]
@@ -75,7 +76,7 @@ def test_periodic_eval_and_eval_py_are_one_path(first_run, tiny_pipe_dir, lora_d
     scores eval.py gave the same checkpoint: same seeds, same sampler, same reward, whatever the
     batch size (eval.py ran in batches of 3, this in batches of 2)."""
     from prompts import load_prompts
-    from sde_sampler import load_adapter
+    from lora import load_adapter
     _, _, details, _ = first_run
     want = [d for d in map(json.loads, details) if d["checkpoint"] == "lora" and d["task"] == "text"]
     policy = load_policy(str(tiny_pipe_dir), device="cpu", resolution=32)

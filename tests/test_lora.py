@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from pretrain_tiny import build_tiny_pipeline
-from sde_sampler import (BASE, add_student, encode, load_adapter, load_policy, save_adapter,
-                         using_adapter, velocity)
+from lora import add_student, load_adapter, save_adapter
+from sde_sampler import BASE, encode, load_policy, using_adapter, velocity
 
 PROMPTS = ["a red circle", "a blue square"]
 
@@ -100,7 +100,7 @@ def test_state_dict_file_forms(policy, tmp_path):
     params = add_student(policy, rank=4, alpha=4)
     _randomise(params, 3)
     v_student = _probe(policy)
-    from sde_sampler import adapter_state_dict
+    from lora import adapter_state_dict
     sd = {k: v.clone() for k, v in adapter_state_dict(policy, "student").items()}
     torch.save(sd, tmp_path / "count.pt")
     save_file(sd, str(tmp_path / "text.safetensors"))
@@ -140,7 +140,7 @@ def test_dotted_hub_ids_reach_the_hub(policy, tmp_path, monkeypatch):
     files with a suffix, and go to the download (mocked here); a missing local file does not."""
     import huggingface_hub
 
-    from sde_sampler import read_lora
+    from lora import read_lora
     _randomise(add_student(policy, rank=4, alpha=8), 3)
     save_adapter(policy, "student", tmp_path / "published")
     asked = []

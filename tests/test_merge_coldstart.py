@@ -7,7 +7,8 @@ import torch
 
 import merge_coldstart
 from conftest import random_teacher as _teacher
-from sde_sampler import add_student, encode, load_adapter, load_policy, read_lora, using_adapter, velocity
+from lora import add_student, load_adapter, read_lora
+from sde_sampler import encode, load_policy, using_adapter, velocity
 
 PROMPTS = ["a red circle", "the text \"a3\""]
 QKV = ["attn.to_q", "attn.to_k", "attn.to_v"]

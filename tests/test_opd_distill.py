@@ -13,8 +13,8 @@ import torch
 import opd_distill
 from opd_distill import distill_micro_batch, kl_scale, opd_loss, pg_reward, returns_to_go, task_schedule
 from pretrain_tiny import build_tiny_pipeline
-from sde_sampler import (add_student, encode, load_adapter, load_policy, rollout,
-                         save_adapter, sd3_sigmas, sde_step, transition_kl, using_adapter, velocity)
+from lora import add_student, load_adapter, save_adapter
+from sde_sampler import encode, load_policy, rollout, sd3_sigmas, sde_step, transition_kl, using_adapter, velocity
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = dict(noise_level=0.7, kl_weighting="exact", loss="pathwise", beta_mar=0.0, clip_range=1e-4, gamma=0.0)

@@ -4,8 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sde_sampler import (BASE, adapter_velocities, add_student, encode, guide, load_adapter, noise_scale, rollout,
-                         rollout_batches, save_adapter, sd3_sigmas, sde_step, transition_kl, using_adapter, velocity)
+from lora import add_student, load_adapter, save_adapter
+from sde_sampler import (BASE, adapter_velocities, encode, guide, noise_scale, rollout, rollout_batches,
+                         sd3_sigmas, sde_step, transition_kl, using_adapter, velocity)
 
 
 def _state(b=3, shape=(3, 4, 4), seed=0):

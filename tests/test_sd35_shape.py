@@ -18,7 +18,8 @@ import rewards
 import sft_coldstart
 import teacher_grpo
 from sd35_miniature import SD35, build_sd35_miniature
-from sde_sampler import LORA_TARGETS, decode, encode, load_policy
+from lora import LORA_TARGETS
+from sde_sampler import decode, encode, load_policy
 
 REPO = Path(__file__).resolve().parents[1]
 SHORT = dict(resolution=64, t5_tokens=8, num_steps=3, eval_steps=2, group_size=2, prompts_per_step=2,
@@ -131,10 +132,11 @@ def test_bf16_weights_fp32_student(mini, tmp_path):
     in bf16, the student LoRA trained in fp32, labels and loss finite, images decoded by a bf16 VAE."""
     from conftest import random_teacher
     from opd_distill import distill_micro_batch
-    from sde_sampler import add_student, rollout, sd3_sigmas
+    from lora import add_student
+    from sde_sampler import rollout, sd3_sigmas
     policy = load_policy(str(mini), device="cpu", dtype=torch.bfloat16, t5_tokens=8)
     teacher = random_teacher(policy, tmp_path / "ocr", "ocr", seed=1, r=4, alpha=8)
-    from sde_sampler import load_adapter
+    from lora import load_adapter
     load_adapter(policy, teacher, "ocr_teacher")
     params = add_student(policy, rank=4, alpha=8)
     assert policy.transformer.dtype == torch.bfloat16 and all(p.dtype == torch.float32 for p in params)
