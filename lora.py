@@ -170,6 +170,9 @@ def read_lora(source):
     a_keys = [k for k in state if k.endswith("lora_A.weight")]
     if not a_keys or any(not (k.endswith(".lora_A.weight") or k.endswith(".lora_B.weight")) for k in state):
         bad = next((k for k in state if not k.endswith(("lora_A.weight", "lora_B.weight"))), "no lora_A keys")
+        if state and all(not k.endswith(("lora_A.weight", "lora_B.weight")) for k in state):
+            raise ValueError(f"{src}: holds full transformer weights, not a LoRA; opd_distill.py takes it as a "
+                             "teacher (its own copy, or --teacher_rank R for a LoRA of its delta); merging needs LoRAs")
         raise ValueError(f"{src}: not a LoRA state dict in peft/diffusers naming (key {bad!r})")
     modules = sorted(k[: -len(".lora_A.weight")] for k in a_keys)
     ranks = {state[m + ".lora_A.weight"].shape[0] for m in modules}
@@ -202,12 +205,13 @@ def check_lora_fits(transformer, state, source):
                              " (a LoRA for a different architecture?)")
 
 
-def load_adapter(policy, source, name, trainable=False):
+def load_adapter(policy, source, name, trainable=False, lora=None):
     """Load a LoRA in any accepted form as a named adapter on the shared base (frozen unless
-    trainable). Validates every layer against the base before touching it."""
+    trainable); or lora=(state, kwargs) as read_lora returns them. Validates every layer against
+    the base before touching it."""
     from peft import LoraConfig
     from peft.utils import set_peft_model_state_dict
-    state, kwargs = read_lora(source)
+    state, kwargs = lora or read_lora(source)
     tr = policy.transformer
     check_lora_fits(tr, state, source)
     if getattr(tr, "_hf_peft_config_loaded", False) and name in tr.peft_config:
@@ -223,4 +227,108 @@ def load_adapter(policy, source, name, trainable=False):
             p.requires_grad_(trainable)
     if policy.student is not None and not trainable:
         tr.set_adapter(policy.student)
+    return name
+
+
+# -----------------------------------------------------------------------------
+# full-weight teachers (a fully fine-tuned transformer): its own frozen copy, or a LoRA of its delta
+
+def read_full_weights(source):
+    """A full transformer state dict from a .safetensors/.pt file or a diffusers transformer
+    folder (diffusion_pytorch_model*.safetensors), keys without a "transformer." prefix; None
+    when the source is a LoRA (any form read_lora takes)."""
+    path = Path(str(source))
+    if path.is_dir():
+        files = sorted(path.glob("diffusion_pytorch_model*.safetensors"))
+        if not files:
+            return None
+        state = {}
+        for f in files:
+            state.update(_read_state_file(f)[0])
+    elif path.is_file() and path.suffix in LORA_FILE_SUFFIXES:
+        state = _read_state_file(path)[0]
+    else:
+        return None
+    if any("lora_" in k for k in state):
+        return None
+    return {k.removeprefix("transformer."): v for k, v in state.items()}
+
+
+def base_weights(transformer):
+    """{state-dict key: tensor} of the base model itself, peft's wrapping and adapters removed."""
+    return {k.replace(".base_layer.", "."): v for k, v in transformer.state_dict().items() if "lora_" not in k}
+
+
+def check_full_fits(transformer, state, source):
+    """A full state dict must hold exactly the base's parameters with their shapes."""
+    base = base_weights(transformer)
+    for key, w in state.items():
+        if key not in base:
+            raise ValueError(f"{source}: key {key!r} is not in this base's transformer (another architecture?)")
+        if tuple(w.shape) != tuple(base[key].shape):
+            raise ValueError(f"{source}: {key!r} has shape {tuple(w.shape)}, the base {tuple(base[key].shape)} "
+                             "(another architecture?)")
+    missing = [k for k in base if k not in state]
+    if missing:
+        raise ValueError(f"{source}: {len(missing)} of the base's tensors missing, e.g. {missing[0]!r}")
+
+
+def lora_of_delta(transformer, state, rank):
+    """The LoRA closest to a full-weight teacher: for every Linear whose weight differs from the
+    base, the best rank-r factors of the difference (truncated SVD: B = U_r sqrt(S_r), A =
+    sqrt(S_r) V_r^T, so B A is the delta's best rank-r approximation; alpha = r, scale 1).
+    Returns ((state, LoraConfig kwargs) for load_adapter, {layer: relative error |delta - BA| /
+    |delta|}, {other changed tensor: its relative change}) - norms and biases a LoRA cannot carry."""
+    base = base_weights(transformer)
+    linears = {n for n, m in transformer.named_modules() if isinstance(getattr(m, "base_layer", m), torch.nn.Linear)
+               and ".lora_" not in n and not n.endswith(".base_layer")}
+    lora, errors, dropped = {}, {}, {}
+    for key, w in state.items():
+        delta = w.float() - base[key].float()
+        if not delta.any():
+            continue
+        layer = key.removesuffix(".weight")
+        if key.endswith(".weight") and layer in linears:
+            U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+            r = min(rank, S.numel())
+            B, A = U[:, :r] * S[:r].sqrt(), S[:r].sqrt()[:, None] * Vh[:r]
+            lora[f"{layer}.lora_A.weight"], lora[f"{layer}.lora_B.weight"] = A.contiguous(), B.contiguous()
+            errors[layer] = ((delta - B @ A).norm() / delta.norm()).item()
+        else:
+            dropped[key] = (delta.norm() / base[key].float().norm().clamp(min=1e-12)).item()
+    if not lora:
+        raise ValueError("the full-weight teacher's Linear weights equal the base's: nothing to distil")
+    modules = sorted(k.removesuffix(".lora_A.weight") for k in lora if k.endswith("lora_A.weight"))
+    ranks = {m: lora[m + ".lora_A.weight"].shape[0] for m in modules}
+    kwargs = dict(r=rank, lora_alpha=rank, target_modules=modules, alpha_pattern={},
+                  rank_pattern={m: r for m, r in ranks.items() if r != rank}, use_rslora=False)
+    return (lora, kwargs), errors, dropped
+
+
+def load_teacher(policy, source, name, rank=0):
+    """A teacher (or anchor) in any form: a LoRA becomes an adapter on the shared base; full
+    transformer weights become their own frozen copy of the transformer (policy.full[name];
+    its memory is printed) or, with rank > 0, a rank-`rank` LoRA of their delta from the base
+    (the relative error per layer is printed). Returns the name that routes to it."""
+    state = read_full_weights(source)
+    if state is None:
+        return load_adapter(policy, source, name)
+    tr = policy.transformer
+    check_full_fits(tr, state, source)
+    if rank > 0:
+        lora, errors, dropped = lora_of_delta(tr, state, rank)
+        worst = max(errors, key=errors.get)
+        print(f"teacher {name}: full weights -> rank-{rank} LoRA of the delta on {len(errors)} layers; relative "
+              f"error mean {sum(errors.values()) / len(errors):.3f}, worst {errors[worst]:.3f} ({worst})"
+              + (f"; {len(dropped)} other changed tensors (norms, biases) dropped, largest relative change "
+                 f"{max(dropped.values()):.2e} ({max(dropped, key=dropped.get)})" if dropped else ""))
+        return load_adapter(policy, source, name, lora=lora)
+    from diffusers import SD3Transformer2DModel
+    copy = SD3Transformer2DModel.from_config(tr.config)
+    copy.load_state_dict(state)
+    copy.to(policy.device, policy.dtype).requires_grad_(False).eval()
+    policy.full[name] = copy
+    size = sum(p.numel() * p.element_size() for p in copy.parameters())
+    print(f"teacher {name}: full weights, its own frozen copy of the transformer: {size / 2**30:.2f} GiB in "
+          f"{str(policy.dtype).removeprefix('torch.')} (--teacher_rank R makes it a LoRA of its delta instead)")
     return name

@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 import common
-from lora import add_student, load_adapter
+from lora import add_student, load_teacher
 from prompts import held_out_note, load_prompts, spread
 from rewards import get_reward, preload, set_device
 from sde_sampler import (BASE, adapter_velocities, cache_prompts, encode, load_policy, ppo_loss,
@@ -63,6 +63,7 @@ DEFAULTS = dict(
     eval_steps=40,
     guidance=4.5,              # CFG in rollouts and in every student/teacher/anchor velocity
     teacher_guidance="",       # TASK=G,...,anchor=G: CFG of those labels instead (DiffusionOPD: geneval=1)
+    teacher_rank=0,            # full-weight teachers: 0 = own frozen copy each; R = a rank-R LoRA of the delta
     noise_level=0.7,
     group_size=16,             # images per prompt
     prompts_per_step=16,       # prompts per optimizer step over all ranks
@@ -280,10 +281,11 @@ def main(argv=None):
         policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"], t5_tokens=cfg["t5_tokens"],
                              cache_gb=cfg["embed_cache_gb"])
         # a task's adapter: its teacher LoRA, or the base itself for TASK=base
-        routes = {task: BASE if path == BASE else load_adapter(policy, path, task) for task, path in teachers.items()}
+        routes = {task: BASE if path == BASE else load_teacher(policy, path, task, cfg["teacher_rank"])
+                  for task, path in teachers.items()}
         anchor = BASE
         if cfg["anchor"]:
-            anchor = load_adapter(policy, cfg["anchor"], "anchor")
+            anchor = load_teacher(policy, cfg["anchor"], "anchor", cfg["teacher_rank"])
         init = resume_from or cfg["init"] or None
         params = add_student(policy, rank=cfg["lora_rank"], alpha=cfg["lora_alpha"], init=init)
     micro = images_per_rank // cfg["batch_size"]

@@ -157,6 +157,7 @@ class Policy:
     embeds: OrderedDict = field(default_factory=OrderedDict)  # prompt -> (embeds, pooled) on the CPU, LRU
     cache_bytes: int = 4 << 30              # the embedding cache's bound (SD3.5-M: 2.6 MiB a prompt)
     keep_encoders: bool = False             # text encoders stay on the device (set when prompts overflow)
+    full: dict = field(default_factory=dict)  # name -> a frozen full-weight transformer (lora.load_teacher)
 
     @property
     def transformer(self):
@@ -312,19 +313,21 @@ def encode(policy, prompts, negative_prompt=""):
     return e, p, ne, npool
 
 
-def velocity(policy, x, sigma, cond, guidance):
-    """The (guided) velocity of the active adapter at state x. cond = encode(...) output;
-    guidance a float or one per sample, a (B,) tensor. The uncond and cond halves go through one
-    batched forward, as diffusers does (a float guidance of 1 needs the cond half only)."""
+def velocity(policy, x, sigma, cond, guidance, transformer=None):
+    """The (guided) velocity of the active adapter at state x (or of another transformer of the
+    same config, e.g. a full-weight teacher). cond = encode(...) output; guidance a float or one
+    per sample, a (B,) tensor. The uncond and cond halves go through one batched forward, as
+    diffusers does (a float guidance of 1 needs the cond half only)."""
     e, p, ne, npool = cond
     t = _per_sample(sigma, x).reshape(-1).expand(x.shape[0]) * 1000
+    net = transformer or policy.transformer
     with policy.autocast():
         if not torch.is_tensor(guidance) and guidance == 1.0:
-            return policy.transformer(hidden_states=x.to(policy.dtype), timestep=t, encoder_hidden_states=e,
-                                      pooled_projections=p, return_dict=False)[0].float()
-        out = policy.transformer(hidden_states=torch.cat([x, x]).to(policy.dtype), timestep=torch.cat([t, t]),
-                                 encoder_hidden_states=torch.cat([ne, e]),
-                                 pooled_projections=torch.cat([npool, p]), return_dict=False)[0].float()
+            return net(hidden_states=x.to(policy.dtype), timestep=t, encoder_hidden_states=e,
+                       pooled_projections=p, return_dict=False)[0].float()
+        out = net(hidden_states=torch.cat([x, x]).to(policy.dtype), timestep=torch.cat([t, t]),
+                  encoder_hidden_states=torch.cat([ne, e]), pooled_projections=torch.cat([npool, p]),
+                  return_dict=False)[0].float()
     v_uncond, v_cond = out.chunk(2)
     return guide(v_uncond, v_cond, _per_sample(guidance, v_cond) if torch.is_tensor(guidance) else guidance)
 
@@ -386,9 +389,19 @@ def adapter_velocities(policy, x, sigma, cond, guidance, names):
     (BASE: none), or all through one name. Several names go through ONE forward, as peft's
     mixed-adapter batches: every LoRA layer runs the base on the whole batch and adds each
     adapter's update to its own rows only (a forward pre-hook hands the layers the names, which
-    diffusers' transformer does not pass down). CFG doubles the batch, so the names repeat."""
+    diffusers' transformer does not pass down). CFG doubles the batch, so the names repeat. A
+    full-weight teacher (policy.full) is not an adapter: its rows go through its own copy."""
     from peft.tuners.lora import LoraLayer
     names = [names] * x.shape[0] if isinstance(names, str) else list(names)
+    if any(n in policy.full for n in names):  # full-weight teachers: a forward of their own copy each
+        out = torch.empty_like(x, dtype=torch.float32)
+        for group in dict.fromkeys(n if n in policy.full else None for n in names):
+            rows = [i for i, n in enumerate(names) if (n if n in policy.full else None) == group]
+            part = (x[rows], sigma[rows] if torch.is_tensor(sigma) and sigma.dim() else sigma,
+                    tuple(c[rows] for c in cond), guidance[rows] if torch.is_tensor(guidance) else guidance)
+            out[rows] = (adapter_velocities(policy, *part, [names[i] for i in rows]) if group is None
+                         else velocity(policy, *part, transformer=policy.full[group]))
+        return out
     if len(set(names)) == 1:
         with using_adapter(policy, names[0]):
             return velocity(policy, x, sigma, cond, guidance)

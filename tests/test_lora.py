@@ -157,3 +157,77 @@ def test_dotted_hub_ids_reach_the_hub(policy, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="ocr.safetensors: LoRA checkpoint not found"):
         read_lora("teachers/ocr.safetensors")
     assert len(asked) == 3
+
+
+# -----------------------------------------------------------------------------
+# full-weight teachers
+
+DELTA_LAYERS = ["transformer_blocks.0.attn.to_q", "transformer_blocks.1.ff.net.2", "proj_out"]
+
+
+def _full_teacher(policy, path, seed=0, rank=2, extra=None):
+    """A 'fully fine-tuned' transformer: the base's state dict with rank-2 changes to three Linear
+    layers (and `extra` {key: change} elsewhere), saved as one .safetensors file."""
+    from safetensors.torch import save_file
+    from lora import base_weights
+    g = torch.Generator().manual_seed(seed)
+    state = {k: v.detach().clone().contiguous() for k, v in base_weights(policy.transformer).items()}
+    for layer in DELTA_LAYERS:
+        w = state[f"{layer}.weight"]
+        w += 0.3 * torch.randn(w.shape[0], rank, generator=g) @ torch.randn(rank, w.shape[1], generator=g) / rank
+    for key, change in (extra or {}).items():
+        state[key] = state[key] + change
+    save_file(state, str(path))
+    return state
+
+
+def test_full_weight_teacher_as_its_own_copy_or_as_a_lora_of_its_delta(policy, tiny_pipe_dir, tmp_path, capsys):
+    """--teachers ocr.safetensors holding a full transformer: by default its own frozen copy (its
+    rows of a mixed batch are exactly that model's velocity); with a rank, the truncated SVD of
+    its delta as a LoRA on the shared base: exact when the delta has that rank, with its error
+    reported when not, and the norms and biases it cannot carry reported as dropped."""
+    from lora import load_teacher
+    from sde_sampler import adapter_velocities
+    state = _full_teacher(policy, tmp_path / "ocr.safetensors")
+    truth_policy = load_policy(str(tiny_pipe_dir), device="cpu")
+    truth_policy.transformer.load_state_dict(state)
+    cond = encode(policy, PROMPTS + ["a green triangle"])
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    truth = velocity(truth_policy, x, 0.7, cond, 4.5)
+    base = velocity(truth_policy, x, 0.7, cond, 4.5, transformer=load_policy(str(tiny_pipe_dir), device="cpu").transformer)
+    add_student(policy, rank=4, alpha=4)  # the student is on the base too; its zero B changes nothing
+    assert load_teacher(policy, tmp_path / "ocr.safetensors", "ocr") == "ocr" and "ocr" in policy.full
+    assert "full weights, its own frozen copy of the transformer" in capsys.readouterr().out
+    mixed = adapter_velocities(policy, x, 0.7, cond, torch.tensor([4.5, 4.5, 4.5]), ["ocr", BASE, "ocr"])
+    torch.testing.assert_close(mixed[[0, 2]], truth[[0, 2]], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mixed[1], base[1], rtol=1e-4, atol=1e-5)
+    assert (truth - base).abs().max() > 1e-2  # the teacher is not the base (the control)
+    load_teacher(policy, tmp_path / "ocr.safetensors", "ocr_r2", rank=2)
+    assert "rank-2 LoRA of the delta on 3 layers; relative error mean 0.000" in capsys.readouterr().out
+    torch.testing.assert_close(adapter_velocities(policy, x, 0.7, cond, 4.5, "ocr_r2"), truth, rtol=1e-3, atol=1e-4)
+    _full_teacher(policy, tmp_path / "geneval.safetensors", seed=1, extra={"norm_out.linear.bias": 0.1})
+    load_teacher(policy, tmp_path / "geneval.safetensors", "geneval_r1", rank=1)
+    line = capsys.readouterr().out
+    err = float(line.split("relative error mean ")[1].split(",")[0])
+    assert 0.1 < err < 1 and "1 other changed tensors (norms, biases) dropped" in line and "norm_out.linear.bias" in line
+
+
+def test_full_weights_of_another_architecture_are_refused_naming_the_key(policy, tmp_path):
+    from safetensors.torch import save_file
+    from lora import base_weights, load_teacher, read_lora
+    other_dir = tmp_path / "other"
+    build_tiny_pipeline(other_dir, seed=1, num_layers=2, head_dim=16)
+    other = load_policy(str(other_dir), device="cpu")
+    save_file({k: v.contiguous() for k, v in base_weights(other.transformer).items()}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match=r"other\.safetensors: '\S+' has shape \(\d+,?.*\), the base \(.*another architecture"):
+        load_teacher(policy, tmp_path / "other.safetensors", "x")
+    mine = {k: v.contiguous() for k, v in base_weights(policy.transformer).items()}
+    save_file({**mine, "extra_head.weight": torch.zeros(2, 2)}, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(ValueError, match=r"key 'extra_head.weight' is not in this base's transformer"):
+        load_teacher(policy, tmp_path / "extra.safetensors", "x")
+    save_file({k: v for k, v in list(mine.items())[1:]}, str(tmp_path / "short.safetensors"))
+    with pytest.raises(ValueError, match=r"1 of the base's tensors missing"):
+        load_teacher(policy, tmp_path / "short.safetensors", "x")
+    with pytest.raises(ValueError, match=r"holds full transformer weights, not a LoRA; opd_distill.py takes it"):
+        read_lora(tmp_path / "extra.safetensors")
+    assert not policy.full

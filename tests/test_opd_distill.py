@@ -227,6 +227,27 @@ def test_self_teacher_gives_zero_loss_and_gradient(tiny_pipe_dir, tmp_path):
     assert set(rec["kl_by_step"]["count"]) and len(rec["kl_by_step"]["count"]) == 2
 
 
+def test_full_weight_teachers_through_the_command_line(tiny_pipe_dir, tmp_path, capsys):
+    """--teachers count=FULL.safetensors text=LORA: the full-weight teacher as its own copy, and
+    with --teacher_rank 2 as a LoRA of its delta; both give labels, and the two agree."""
+    from test_lora import _full_teacher
+    pol = load_policy(str(tiny_pipe_dir), device="cpu")
+    _full_teacher(pol, tmp_path / "count.safetensors")
+    _lora(pol, tmp_path / "text", seed=6, std=0.1)
+    teachers = [f"count={tmp_path / 'count.safetensors'}", f"text={tmp_path / 'text'}"]
+    kl = {}
+    for rank in (0, 2):
+        out = tmp_path / f"r{rank}"
+        opd_distill.main(_args(tiny_pipe_dir, out, teachers, max_steps=1, prompts_per_step=4, batch_size=8,
+                               teacher_rank=rank, kl_weighting="exact"))
+        kl[rank] = json.loads(open(out / "metrics.jsonl").readline())["kl_by_task"]
+    log = capsys.readouterr().out
+    assert "teacher count: full weights, its own frozen copy of the transformer" in log
+    assert "teacher count: full weights -> rank-2 LoRA of the delta on 3 layers" in log
+    assert set(kl[0]) == {"count", "text"} and kl[0]["count"] > 0
+    assert kl[2]["count"] == pytest.approx(kl[0]["count"], rel=1e-3) and kl[2]["text"] == kl[0]["text"]
+
+
 def test_two_teachers_logging_and_resume(tiny_pipe_dir, tmp_path):
     pol = load_policy(str(tiny_pipe_dir), device="cpu")
     _lora(pol, tmp_path / "count", seed=5, std=0.1)
