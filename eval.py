@@ -40,11 +40,12 @@ import torch
 from tqdm import tqdm
 
 import common
+import scoring
 import tinyworld
-from common import SEED_STRIDE
 from lora import load_adapter, read_lora
 from prompts import BUILTIN, TINY_TASKS, load_prompts
 from rewards import get_reward, preload, set_device
+from scoring import SEED_STRIDE
 from sde_sampler import BASE, cache_prompts, load_policy, resolve_model
 
 # -----------------------------------------------------------------------------
@@ -132,14 +133,14 @@ def cache_key(model_id, ckpt_id, row, settings):
 
 def eval_rows(tasks, split, num_prompts, files, seed, images_per_prompt=1):
     """The rows to sample, one per image (the tasks that have prompts, in order, each cut to
-    num_prompts, with common.seeded_jobs' seeds: image j of the task's i-th prompt from seed + i +
+    num_prompts, with scoring.seeded_jobs' seeds: image j of the task's i-th prompt from seed + i +
     SEED_STRIDE * j) and, per task, the indices of the rows its reward scores."""
     rows, plan = [], {}
     own = [t for t in tasks if t in files or t in BUILTIN or t in TINY_TASKS]
     for task in own:
         prompts = load_prompts(task, split, files.get(task))
         prompts = prompts[:num_prompts] if num_prompts else prompts
-        part = common.seeded_jobs(prompts, seed, images_per_prompt)
+        part = scoring.seeded_jobs(prompts, seed, images_per_prompt)
         plan[task] = list(range(len(rows), len(rows) + len(part)))
         rows += part
     for task in tasks:
@@ -290,16 +291,16 @@ def main(argv=None):
 
     results, details, grids = {}, [], {t: {} for t in tasks}
     for name, adapter in adapters.items():
-        images, generated = common.sample_images(policy, rows, cfg["eval_steps"], cfg["guidance"], cfg["batch_size"],
+        images, generated = scoring.sample_images(policy, rows, cfg["eval_steps"], cfg["guidance"], cfg["batch_size"],
                                                  adapter, cache=paths[name], desc=name if master else None)
-        records = common.score_images(rows, images, plan, cfg["batch_size"])
+        records = scoring.score_images(rows, images, plan, cfg["batch_size"])
         shown = {i: images[i] for i in show if i in images}
         parts = common.all_gather_objects((records, shown, generated))
         if not master:
             continue
         records = sorted((r for p in parts for r in p[0]), key=lambda r: (tasks.index(r["task"]), r["job"]))
         shown = {i: im for p in parts for i, im in p[1].items()}
-        results[name] = common.summarise(records, rows)
+        results[name] = scoring.summarise(records, rows)
         by_key = {(r["task"], r["job"]): r["score"] for r in records}
         for t in tasks:
             grids[t][name] = [(shown[i], by_key[(t, i)]) for i in grid_rows[t]]
@@ -329,7 +330,7 @@ def main(argv=None):
         for t in tasks:
             if grid_rows[t]:
                 cells = [grids[t][name][r] for r in range(len(grid_rows[t])) for name in ckpts]
-                common.image_grid([im for im, _ in cells], len(ckpts), [rows[i]["prompt"] for i in grid_rows[t]],
+                scoring.image_grid([im for im, _ in cells], len(ckpts), [rows[i]["prompt"] for i in grid_rows[t]],
                                   header=list(ckpts), labels=[f"{s:.2f}" for _, s in cells], min_size=CELL_MIN,
                                   gap=GAP).save(out / f"grid_{t}.png")
         print(table)

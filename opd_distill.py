@@ -40,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import scoring
 from lora import add_student, load_teacher
 from prompts import held_out_note, load_prompts, spread
 from rewards import get_reward, preload, set_device
@@ -321,7 +322,7 @@ def main(argv=None):
             print(f"resumed from {resume_from} at step {step}")
 
     if cfg["eval_every"] and step == 0:
-        common.eval_and_log(policy, ema, params, eval_rows, cfg, out, 0)
+        scoring.eval_and_log(policy, ema, params, eval_rows, cfg, out, 0)
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, desc="opd")
     while step < cfg["max_steps"]:
         t0 = time.time()

@@ -12,7 +12,7 @@ prompt mentions, so the base draws them often and a teacher can learn not to. (F
 from step 0 cost the base its glyphs and counts, and then GRPO had nothing to build on.)
 
 Writes the pipeline folder (fp16), {out}_scores.json (every task's test score by the shared
-eval, common.evaluate, with the share of samples that show their task's flaw, and the command
+eval, scoring.evaluate, with the share of samples that show their task's flaw, and the command
 that regenerates the folder) and {out}_grid.png (64 test samples).
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import common
+import scoring
 from tinyworld import CHARSET, SAMPLING, TASKS, VOCAB_WORDS, clean_reward, prompt_set, sample_training_batch, shows_flaw
 
 # -----------------------------------------------------------------------------
@@ -214,7 +214,7 @@ def _save_weights(pipe, params, values, path):
 
 def report(folder, record, pipe=None, eval_steps=SAMPLING["eval_steps"]):
     """Sample and score the base saved in `folder` on every test prompt (one image each, row i
-    from seed i, by the same common.evaluate as every stage's periodic eval); write
+    from seed i, by the same scoring.evaluate as every stage's periodic eval); write
     {folder}_grid.png and {folder}_scores.json (the scores added to `record`). `pipe`, the
     pipeline in memory that was saved there, if given, must embed prompts as the loaded folder
     does (fp16 storage aside)."""
@@ -227,7 +227,7 @@ def report(folder, record, pipe=None, eval_steps=SAMPLING["eval_steps"]):
             want = embed_prompts(pipe, probe)
         got = encode(policy, probe)[:2]
         assert all(torch.allclose(a, b, atol=1e-2) for a, b in zip(got, want)), "encode != training embeddings"
-    summary, images, details = common.evaluate(policy, rows, eval_steps, SAMPLING["guidance"], EVAL_BATCH)
+    summary, images, details = scoring.evaluate(policy, rows, eval_steps, SAMPLING["guidance"], EVAL_BATCH)
     scores = {}
     for task, s in summary.items():
         flawed = [shows_flaw(task, im, d) for im, d in zip(images, details) if d["task"] == task]
@@ -238,7 +238,7 @@ def report(folder, record, pipe=None, eval_steps=SAMPLING["eval_steps"]):
                                  "strict": round(float(np.mean([x["strict"] for x in info])), 4), "n": len(images)}
     per_task = {"count": 24, "text": 24, "clean": 16}  # the grid: 3 rows of count, 3 of text, 2 of clean
     shown = [im for task, n in per_task.items() for im in [im for r, im in zip(rows, images) if r["task"] == task][:n]]
-    common.image_grid(shown, cols=8, min_size=2 * shown[0].width).save(f"{folder}_grid.png")
+    scoring.image_grid(shown, cols=8, min_size=2 * shown[0].width).save(f"{folder}_grid.png")
     Path(f"{folder}_scores.json").write_text(json.dumps({**record, "scores": scores}, indent=2) + "\n")
     for task, s in scores.items():
         flawed = f"  flawed {s['flawed']:.2f}" if "flawed" in s else ""

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-import common
 import eval as evaluation
+import scoring
 from lora import add_student, save_adapter
 from sde_sampler import load_policy
 
@@ -72,7 +72,7 @@ def test_outputs(first_run):
 
 
 def test_periodic_eval_and_eval_py_are_one_path(first_run, tiny_pipe_dir, lora_dir):
-    """A training run's periodic eval (common.evaluate) of one task's first prompts gives the
+    """A training run's periodic eval (scoring.evaluate) of one task's first prompts gives the
     scores eval.py gave the same checkpoint: same seeds, same sampler, same reward, whatever the
     batch size (eval.py ran in batches of 3, this in batches of 2)."""
     from prompts import load_prompts
@@ -82,7 +82,7 @@ def test_periodic_eval_and_eval_py_are_one_path(first_run, tiny_pipe_dir, lora_d
     policy = load_policy(str(tiny_pipe_dir), device="cpu", resolution=32)
     adapter = load_adapter(policy, str(lora_dir), "lora")
     rows = load_prompts("text", "test")[:NUM_PROMPTS]
-    summary, images, got = common.evaluate(policy, rows, 2, evaluation.DEFAULTS["guidance"], 2, adapter=adapter)
+    summary, images, got = scoring.evaluate(policy, rows, 2, evaluation.DEFAULTS["guidance"], 2, adapter=adapter)
     assert [d["score"] for d in got] == [d["score"] for d in want] and [d["seed"] for d in got] == [0, 1, 2]
     assert summary["text"]["n"] == NUM_PROMPTS and summary["text"]["mean"] == pytest.approx(
         sum(d["score"] for d in want) / NUM_PROMPTS)
@@ -113,9 +113,9 @@ def test_grid_has_one_row_per_prompt_and_one_column_per_checkpoint(first_run, ti
     for task in TASKS:
         grid = Image.open(out / f"grid_{task}.png")
         assert grid.size == (3 * cell + 2 * evaluation.GAP,
-                             common.GRID_HEADER + GRID_PROMPTS * (common.GRID_CAPTION + cell))
+                             scoring.GRID_HEADER + GRID_PROMPTS * (scoring.GRID_CAPTION + cell))
     grid = Image.open(out / "grid_count.png")
-    y0 = common.GRID_HEADER + common.GRID_CAPTION + 16  # below the score label
+    y0 = scoring.GRID_HEADER + scoring.GRID_CAPTION + 16  # below the score label
     col = lambda c: grid.crop((c * (cell + evaluation.GAP), y0, c * (cell + evaluation.GAP) + cell, y0 + cell - 16))
     assert col(1).tobytes() == col(2).tobytes() != col(0).tobytes()
 
@@ -233,7 +233,7 @@ def test_scores_per_prompt_tag():
         ("count", 0, 1.0, {"strict": True}), ("count", 1, 0.5, {"strict": False}),
         ("count", 2, 0.1, {"strict": False}), ("text", 3, 0.3, {"strict": False}),
         *[("pickscore", i, 0.8 + 0.1 * (i == 3), {}) for i in range(4)]]]
-    res = common.summarise(records, rows)
+    res = scoring.summarise(records, rows)
     assert res["count"]["tags"] == {"single": {"mean": 0.75, "strict": 0.5, "n": 2, "se": pytest.approx(0.25)},
                                     "position": {"mean": 0.1, "strict": 0.0, "n": 1, "se": 0.0}}
     assert abs(res["count"]["mean"] - 1.6 / 3) < 1e-9 and "tags" not in res["text"] and "tags" not in res["pickscore"]

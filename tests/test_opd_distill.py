@@ -290,7 +290,7 @@ def test_periodic_eval_reports_its_noise_and_the_change_since_step_0(tiny_pipe_d
 
 
 def test_paired_change_and_standard_error():
-    from common import paired_change, standard_error
+    from scoring import paired_change, standard_error
     ref = {0: 0.2, 1: 0.5, 2: 0.9}
     assert paired_change(ref, ref) == (0.0, 0.0)
     change, se = paired_change({0: 0.3, 1: 0.6, 2: 1.0}, ref)

@@ -1,0 +1,246 @@
+"""
+Sampling test prompts and scoring them, the one path for the periodic evals of every training
+stage, eval.py and the tiny base's report: ODE samples from fixed per-image noise (image j of
+prompt i from seed + i + SEED_STRIDE * j, in batches of a fixed shape), each task's reward,
+sharded over ranks; summaries with standard errors; the paired change between two evals; and
+the one image-grid painter.
+"""
+
+import json
+import os
+import textwrap
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFont
+
+from common import all_gather_objects, ema_weights, log_metrics, world, write_json
+
+# -----------------------------------------------------------------------------
+# images
+
+GRID_HEADER, GRID_CAPTION = 16, 28  # px: the column names' strip, the two caption lines above a row
+
+
+def image_grid(images, cols, captions=None, header=None, labels=None, min_size=0, gap=0):
+    """Paste PIL images (row-major) into a grid of `cols` columns, each cell scaled up (nearest)
+    to at least min_size px. Optional: captions, one per row, wrapped to two lines above it;
+    header, one name per column; labels, one short text per image in its top-left corner."""
+    w, h = images[0].size
+    scale = max(1, -(-min_size // w))
+    w, h = w * scale, h * scale
+    rows = -(-len(images) // cols)
+    top, cap = (GRID_HEADER if header else 0), (GRID_CAPTION if captions else 0)
+    grid = Image.new("RGB", (cols * (w + gap) - gap, top + rows * (cap + h)), "white")
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default()
+    for c, name in enumerate(header or []):
+        draw.text((c * (w + gap) + 2, 2), name[: w // 6], fill="black", font=font)
+    for r, caption in enumerate(captions or []):
+        y = top + r * (cap + h)
+        draw.line([(0, y), (grid.width, y)], fill="#bbb")
+        text = "\n".join(textwrap.wrap(caption, max(8, grid.width // 6), max_lines=2, placeholder="..."))
+        draw.multiline_text((3, y + 2), text, fill="black", font=font, spacing=1)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        x, y = c * (w + gap), top + r * (cap + h) + cap
+        grid.paste(im.resize((w, h), Image.NEAREST), (x, y))
+        if labels:
+            box = draw.textbbox((x + 2, y + 2), labels[i], font=font)
+            draw.rectangle([box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1], fill="white")
+            draw.text((x + 2, y + 2), labels[i], fill="black", font=font)
+    return grid
+
+
+def load_png(path):
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def save_png(image, path):
+    """Atomically: a killed run or a concurrent one never leaves a half-written PNG behind."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.png")
+    image.save(tmp)
+    tmp.replace(path)
+
+
+# -----------------------------------------------------------------------------
+# evaluation, the one sample-and-score path (periodic evals, eval.py, the tiny base's report):
+# ODE samples from fixed per-image noise, every task's reward, sharded over ranks
+
+SEED_STRIDE = 1_000_000  # image j of a prompt starts from the noise seed of its image 0 + SEED_STRIDE * j
+
+
+def seeded_jobs(rows, seed=0, images_per_prompt=1):
+    """One job per image to sample: row i's image j, the row's fields plus "row": i and "seed":
+    seed + i + SEED_STRIDE * j. All rows' image 0 come first, so a run with fewer prompts or
+    fewer images per prompt sees exactly a subset of the images of a larger one."""
+    return [{**row, "row": i, "seed": seed + i + SEED_STRIDE * j}
+            for j in range(images_per_prompt) for i, row in enumerate(rows)]
+
+
+@torch.no_grad()
+def sample_images(policy, jobs, num_steps, guidance, batch_size, adapter=None, cache=None, desc=None):
+    """{job index: PIL image} for this rank's jobs (rank, rank + world, ...), each by the ODE from
+    its own noise seed. The last batch is padded with copies of its last job: the kernels'
+    rounding depends on the batch shape (not on the other samples), so a fixed shape makes an
+    image a function of its prompt and noise alone, whatever the number of ranks. cache: one PNG
+    path per job, read where it exists and written where sampled. Returns (images, number sampled)."""
+    from tqdm import tqdm
+    from sde_sampler import decode, initial_noise, rollout
+    mine = range(dist.get_rank() if dist.is_initialized() else 0, len(jobs), world())
+    images = {i: load_png(cache[i]) for i in mine if cache and cache[i].exists()}
+    todo = [i for i in mine if i not in images]
+    with tqdm(total=len(todo), desc=desc, unit="img", disable=desc is None, leave=False) as bar:
+        for k in range(0, len(todo), batch_size):
+            batch = todo[k:k + batch_size]
+            padded = batch + batch[-1:] * (batch_size - len(batch))
+            x = initial_noise(policy, [jobs[i]["seed"] for i in padded])
+            out = rollout(policy, [jobs[i]["prompt"] for i in padded], num_steps, guidance, 0.0, latents=x,
+                          adapter=adapter)
+            for i, im in zip(batch, decode(policy, out["latents"])):
+                images[i] = im
+                if cache:
+                    save_png(im, cache[i])
+            bar.update(len(batch))
+    return images, len(todo)
+
+
+def score_images(jobs, images, plan=None, batch_size=64):
+    """Every task's reward on the images this rank holds: [{"job", "task", "score", "info"}].
+    plan: {task: job indices it scores}; by default every job is scored by its own task (a task
+    with no prompts of its own, like pickscore, is given the other tasks' jobs)."""
+    from rewards import get_reward
+    if plan is None:
+        plan = {}
+        for i, job in enumerate(jobs):
+            plan.setdefault(job["task"], []).append(i)
+    records = []
+    for task, idx in plan.items():
+        mine = [i for i in idx if i in images]
+        for k in range(0, len(mine), batch_size):
+            chunk = mine[k:k + batch_size]
+            scores, info = get_reward(task)([images[i] for i in chunk], [jobs[i]["prompt"] for i in chunk],
+                                            [jobs[i]["metadata"] for i in chunk])
+            records += [{"job": i, "task": task, "score": s, "info": inf}
+                        for i, s, inf in zip(chunk, scores.tolist(), info)]
+    return records
+
+
+def _stats(records, jobs):
+    per_prompt = {}
+    for r in records:
+        job = jobs[r["job"]]
+        per_prompt.setdefault((job["task"], job["row"]), []).append(r["score"])
+    out = {"mean": sum(r["score"] for r in records) / len(records), "n": len(records),
+           "se": standard_error(torch.tensor([sum(v) / len(v) for v in per_prompt.values()]))}
+    strict = [bool(r["info"]["strict"]) for r in records if "strict" in r["info"]]
+    if strict:
+        out["strict"] = sum(strict) / len(strict)
+    return out
+
+
+def summarise(records, jobs):
+    """{task: {"mean", "n", "se"}} from score_images' records of every rank: n counts images, se
+    is the standard error of the mean over prompts (each prompt's images averaged first);
+    "strict", the pass rate, where the reward has a pass/fail; "tags", the same per prompt tag,
+    where a task's own prompts carry several (GenEval reports per tag: a mean can hide that
+    counting learned while position did not)."""
+    out = {}
+    for task in dict.fromkeys(r["task"] for r in records):
+        mine = [r for r in records if r["task"] == task]
+        out[task] = _stats(mine, jobs)
+        tags = {}
+        for r in mine:
+            job = jobs[r["job"]]
+            if job["task"] == task and (tag := (job.get("metadata") or {}).get("tag")) is not None:
+                tags.setdefault(tag, []).append(r)
+        if len(tags) > 1:
+            out[task]["tags"] = {t: _stats(rs, jobs) for t, rs in tags.items()}
+    return out
+
+
+def evaluate(policy, rows, num_steps, guidance, batch_size, seed=0, adapter=None, images_per_prompt=1):
+    """Sample rows (dicts with prompt/task/metadata; images_per_prompt each, seeded_jobs' seeds)
+    and score each by its own task's reward, every rank a share, gathered on all. Returns
+    (summarise's {task: stats}, images, details), images and details in seeded_jobs' order, each
+    detail with its row index, seed, score and the reward's JSON-able info."""
+    jobs = seeded_jobs(rows, seed, images_per_prompt)
+    images, _ = sample_images(policy, jobs, num_steps, guidance, batch_size, adapter)
+    parts = all_gather_objects((score_images(jobs, images, batch_size=batch_size), images))
+    records = sorted((r for p in parts for r in p[0]), key=lambda r: r["job"])
+    images = {i: im for p in parts for i, im in p[1].items()}
+    details = [{"row": jobs[r["job"]]["row"], "prompt": jobs[r["job"]]["prompt"], "task": r["task"],
+                "seed": jobs[r["job"]]["seed"], "score": r["score"],
+                **{k: v for k, v in r["info"].items() if _jsonable(v)}} for r in records]
+    return summarise(records, jobs), [images[r["job"]] for r in records], details
+
+
+def prompt_means(details):
+    """{row index: mean score of its images} from evaluate's details."""
+    scores = {}
+    for d in details:
+        scores.setdefault(d["row"], []).append(d["score"])
+    return {i: sum(v) / len(v) for i, v in sorted(scores.items())}
+
+
+def standard_error(values):
+    """The standard error of the mean of a 1-D tensor (0 for fewer than two values)."""
+    return (values.std() / len(values) ** 0.5).item() if len(values) > 1 else 0.0
+
+
+def paired_change(now, ref):
+    """The change of a task's mean between two evals of the same prompts and seeds, with its
+    standard error over prompts: (mean of d_i, se of d_i), d_i = now_i - ref_i. The same noise
+    makes the two evals' image noise largely cancel, so this se is what a change is judged by."""
+    d = torch.tensor([now[i] - ref[i] for i in now if i in ref])
+    return (d.mean().item(), standard_error(d)) if len(d) else (0.0, 0.0)
+
+
+def _jsonable(v):
+    try:
+        json.dumps(v)
+        return True
+    except TypeError:
+        return False
+
+
+def eval_and_log(policy, ema, params, rows, cfg, out, step):
+    """The periodic eval of a training run: EMA weights, ODE samples of every task's test
+    prompts (eval_images each), each task's score with its standard error into metrics.jsonl,
+    and its change since the run's first eval (same prompts, same noise) with the standard
+    error of that change; per-prompt scores into samples/scores_step_N.json, a grid (8 images
+    per task) into samples/."""
+    from tqdm import tqdm
+    with ema_weights(ema, params):
+        summary, images, details = evaluate(policy, rows, cfg["eval_steps"], cfg["guidance"], cfg["batch_size"],
+                                            seed=cfg["seed"], images_per_prompt=cfg.get("eval_images", 1))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        samples = Path(out) / "samples"
+        samples.mkdir(exist_ok=True)
+        scores = {t: prompt_means([d for d in details if d["task"] == t]) for t in summary}
+        first = sorted(samples.glob("scores_step_*.json"))
+        write_json(samples / f"scores_step_{step:06d}.json", scores)
+        ref_step = int(first[0].stem.rpartition("_")[2]) if first else step
+        ref = json.loads(first[0].read_text()) if first else None
+        text = []
+        for t, s in summary.items():
+            line = f"{t} {s['mean']:.3f} +-{s['se']:.3f}"
+            if ref is not None and t in ref and ref_step != step:
+                s["change"], s["change_se"] = paired_change(scores[t], {int(i): v for i, v in ref[t].items()})
+                s["since_step"] = ref_step
+                line += f" (change {s['change']:+.3f} +-{s['change_se']:.3f})"
+            text.append(line)
+        log_metrics(out, {"step": step, "eval": summary})
+        tasks = list(summary)
+        first_images = images[:len(rows)]  # every row's image 0
+        grid = [im for t in tasks for im in [im for im, r in zip(first_images, rows) if r["task"] == t][:8]]
+        image_grid(grid, cols=8, captions=tasks, min_size=64).save(
+            samples / f"step_{step:06d}.png")
+        tqdm.write(f"eval step {step}: " + ", ".join(text)
+                   + (f"; changes since step {ref_step}, same prompts and noise" if ref_step != step else "")
+                   + " (+- one standard error over prompts)")
+    return summary
