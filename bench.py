@@ -40,12 +40,16 @@ from tinyworld import SAMPLING, VOCAB_WORDS
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--only", choices=["rollout", "opd", "memory"], action="append",
                     help="run only these parts (repeatable); default all three")
-parser.add_argument("--model", default=None, help="pipeline id or folder (default: the tiny base, else a tiny random one)")
+parser.add_argument("--model", default=None, help="pipeline id or folder (default: the tiny base, else a tiny random "
+                    "one); sd35-mini / sd35-full: a random pipeline of SD3.5-M's structure, tiny or at its real size")
 parser.add_argument("--batch", type=int, default=8, help="rollout: images per batch")
 parser.add_argument("--steps", type=int, default=10, help="rollout: ODE steps")
 parser.add_argument("--guidance", type=float, default=4.5)
 parser.add_argument("--repeats", type=int, default=5, help="rollout: interleaved repeats")
 parser.add_argument("--train_steps", type=int, default=4, help="opd: steps of each run; the first is warm-up")
+parser.add_argument("--resolution", type=int, default=32, help="opd: image side in pixels (SD3.5-M: 512)")
+parser.add_argument("--t5_tokens", type=int, default=SAMPLING["t5_tokens"], help="opd: T5 tokens (SD3.5-M: 256)")
+parser.add_argument("--micro_batch", type=int, default=16, help="opd: images per forward (of the 16 per step)")
 args = parser.parse_args()
 parts = args.only or ["memory", "rollout", "opd"]
 
@@ -55,8 +59,14 @@ model = args.model or str(TINY_MODEL)
 if args.model is None and not (TINY_MODEL / "model_index.json").exists():
     model = str(tmp / "pipe")
     build_tiny_pipeline(model, words=VOCAB_WORDS)
+if args.model in ("sd35-mini", "sd35-full"):
+    from sd35_miniature import build_sd35_miniature
+    model = str(tmp / args.model)
+    build_sd35_miniature(model, full=args.model == "sd35-full")
 tiny = args.model is None
-load = dict(device="cpu", t5_tokens=SAMPLING["t5_tokens"]) if tiny else {}
+load = dict(device="cpu", t5_tokens=SAMPLING["t5_tokens"]) if tiny else dict(t5_tokens=args.t5_tokens)
+if torch.cuda.is_available():
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}")
 
 
 def storage_bytes(modules):
@@ -160,8 +170,9 @@ if "opd" in parts:
 
     import opd_distill
     import teacher_grpo
-    common = dict(model=model, resolution=32, t5_tokens=SAMPLING["t5_tokens"], num_steps=10, eval_steps=10,
-                  guidance=args.guidance, group_size=4, prompts_per_step=4, batch_size=16, max_steps=args.train_steps,
+    common = dict(model=model, resolution=args.resolution, t5_tokens=args.t5_tokens, num_steps=10, eval_steps=10,
+                  guidance=args.guidance, group_size=4, prompts_per_step=4, batch_size=args.micro_batch,
+                  max_steps=args.train_steps,
                   timestep_fraction=0.99, eval_every=0, eval_tasks="count,text", save_every=1000, lora_rank=8,
                   lora_alpha=16, seed=0)
     flags = lambda cfg: [x for k, v in cfg.items() for x in (f"--{k}", str(v))]  # noqa: E731

@@ -23,3 +23,20 @@ def test_bench_runs_all_parts_and_lora_teachers_cost_their_adapter():
     assert len(added) == 3 and all(0 < a < 2 * adapter_kb for a in added), (added, adapter_kb)
     full = float(re.search(r"\+ 1 full copy\s+[\d,]+\s+([\d.]+) kB", text).group(1))
     assert full > 10 * adapter_kb  # the control: a model copy costs far more than an adapter
+
+
+@pytest.mark.slow
+def test_gpu_check_script_cut_short_on_the_cpu(tmp_path):
+    """gpu_check.sh as a lent GPU machine runs it, cut to one test file and the SD3.5-shaped
+    miniature (the real-size model needs the GPU): its three reports are written and say what
+    they measure."""
+    env = {**__import__("os").environ, "TESTS": "tests/test_sd35_shape.py -k structure", "BENCH_MODEL": "sd35-mini",
+           "BENCH_RES": "64", "BENCH_T5": "8", "PYTHON": sys.executable}
+    out = subprocess.run(["bash", "gpu_check.sh", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert re.search(r"^torch \S+, (no CUDA device|.+); diffusers \S+, transformers \S+, peft \S+$",
+                     (tmp_path / "env.txt").read_text().strip(), re.M)
+    assert re.search(r"\b1 passed", (tmp_path / "tests.txt").read_text())
+    bench = (tmp_path / "bench_sd35.txt").read_text()
+    assert re.search(r"ratio OPD/GRPO \d", bench) and "sd35-mini" in bench

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# What a GPU machine should confirm, in one offline call of about 10 minutes:
+#
+#     bash gpu_check.sh [OUT]            # default runs/gpu_check
+#
+# 1. env.txt: torch, the device, the library versions.
+# 2. tests.txt: the test suite with the GPU visible. Every stage a test runs through its main()
+#    picks the GPU and bf16 wherever the test does not pin the CPU, so this is the CUDA + bf16 path
+#    of every stage on tiny models (and on the SD3.5-M-shaped miniature, tests/test_sd35_shape.py).
+# 3. bench_sd35.txt: bench.py's OPD-against-GRPO part on a random pipeline of SD3.5-M's real size
+#    (sd35_miniature.build_sd35_miniature(full=True): its transformer and VAE, one-layer text
+#    encoders of its widths), 512 px, 256 T5 tokens, micro-batch 8: each iteration's time, the
+#    share inside the transformer, the peak GPU memory, and the ratio OPD/GRPO.
+#
+# A machine without the internet needs the packages its image lacks as wheels in .whl/ (git-ignored;
+# this script installs them). On a machine with pip, for Python 3.12 on x86-64:
+#     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+#         diffusers==0.42.1 importlib_metadata rapidfuzz rapidocr==3.10.0 colorlog omegaconf pyclipper shapely
+# (wandb is not among them: the one test that logs to W&B is left out here.)
+set -uo pipefail
+cd "$(dirname "$0")"
+OUT=${1:-runs/gpu_check}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+if ls .whl/*.whl > /dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+start=$SECONDS
+
+"$PY" - <<'EOF' 2>&1 | tee "$OUT/env.txt"
+import diffusers, peft, torch, transformers
+name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+print(f"torch {torch.__version__}, {name}; diffusers {diffusers.__version__}, transformers "
+      f"{transformers.__version__}, peft {peft.__version__}")
+EOF
+
+# TESTS and BENCH_MODEL/BENCH_RES/BENCH_T5 cut the check short (tests/test_bench.py runs it so on a CPU)
+# shellcheck disable=SC2086
+timeout "${TEST_TIMEOUT:-360}" "$PY" -m pytest -q -rf -p no:cacheprovider ${TESTS:-tests/} \
+    --deselect tests/test_teacher_grpo.py::test_resume_continues_with_identical_state 2>&1 \
+    | tail -60 | tee "$OUT/tests.txt"
+echo "== tests: $((SECONDS - start)) s" | tee -a "$OUT/tests.txt"
+
+t=$SECONDS
+timeout "${BENCH_TIMEOUT:-240}" "$PY" bench.py --only opd --model "${BENCH_MODEL:-sd35-full}" \
+    --resolution "${BENCH_RES:-512}" --t5_tokens "${BENCH_T5:-256}" --micro_batch 8 --train_steps 3 2>&1 | grep -v "it/s" | tail -12 | tee "$OUT/bench_sd35.txt"
+echo "== bench: $((SECONDS - t)) s; total $((SECONDS - start)) s" | tee -a "$OUT/bench_sd35.txt"
