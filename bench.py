@@ -17,12 +17,11 @@ What the pieces cost, in ratios measured within one run (wall-clock on shared ma
    trained step. GRPO rolls out all steps, decodes and scores, then re-runs the student (and the
    base, for its KL) with gradient on the trained steps.
 3. memory: one base with the student, then 1, 2, 3 LoRA teachers added as adapters, then (the
-   control) one full-weight copy of the transformer, as a teacher that is not an adapter costs.
+   control) one full-weight teacher, loaded as opd_distill loads one: its own copy of the transformer.
    Reported as the bytes of all distinct tensor storages held by the models, and as the process's
    peak RSS. This part runs first, so that no training run has set the peak already.
 """
 import argparse
-import copy
 import json
 import resource
 import statistics
@@ -31,8 +30,9 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
-from lora import add_student, load_adapter, save_adapter
+from lora import add_student, base_weights, load_adapter, load_teacher, save_adapter
 from pretrain_tiny import build_tiny_pipeline
 from sde_sampler import TINY_MODEL, encode, load_policy, rollout
 from tinyworld import SAMPLING, VOCAB_WORDS
@@ -110,18 +110,22 @@ if "memory" in parts:
     params = add_student(policy, rank=8, alpha=16)
     student_bytes = sum(p.numel() * p.element_size() for p in params)
     modules = pipeline_modules(policy)
-    rows = [("base + student", storage_bytes(modules), peak_rss_mb())]
+    gpu_mb = lambda: torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else float("nan")  # noqa: E731
+    rows = [("base + student", storage_bytes(modules), peak_rss_mb(), gpu_mb())]
     for k, task in enumerate(teachers):
         load_adapter(policy, teachers[task], task)
-        rows.append((f"+ {k + 1} LoRA teacher{'s' if k else ''}", storage_bytes(modules), peak_rss_mb()))
-    full_copy = copy.deepcopy(policy.transformer)  # what a full-weight teacher would hold
-    rows.append(("+ 1 full copy", storage_bytes(modules + [full_copy]), peak_rss_mb()))
+        rows.append((f"+ {k + 1} LoRA teacher{'s' if k else ''}", storage_bytes(modules), peak_rss_mb(), gpu_mb()))
+    # the control: a fully fine-tuned teacher, loaded as opd_distill loads one (its own frozen copy)
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in base_weights(policy.transformer).items()},
+              str(tmp / "full.safetensors"))
+    load_teacher(policy, tmp / "full.safetensors", "full")
+    rows.append(("+ 1 full teacher", storage_bytes(modules + list(policy.full.values())), peak_rss_mb(), gpu_mb()))
     print(f"\n[memory] model {model}; one LoRA adapter (r=8) is {student_bytes / 1e3:.1f} kB")
-    print(f"{'models':<20}{'storage bytes':>16}{'added':>14}{'peak RSS MB':>14}{'added':>10}")
-    for i, (name, b, rss) in enumerate(rows):
+    print(f"{'models':<20}{'storage bytes':>16}{'added':>14}{'peak RSS MB':>14}{'added':>10}{'GPU MB':>10}")
+    for i, (name, b, rss, gpu) in enumerate(rows):
         added = (f"{(b - rows[i - 1][1]) / 1e3:.1f} kB", f"{rss - rows[i - 1][2]:.1f}") if i else ("", "")
-        print(f"{name:<20}{b:>16,}{added[0]:>14}{rss:>14.1f}{added[1]:>10}")
-    del policy, full_copy
+        print(f"{name:<20}{b:>16,}{added[0]:>14}{rss:>14.1f}{added[1]:>10}{gpu:>10.0f}")
+    del policy
 
 if "rollout" in parts:
     policy = load_policy(model, **load)

@@ -7,10 +7,11 @@
 # 2. tests.txt: the test suite with the GPU visible. Every stage a test runs through its main()
 #    picks the GPU and bf16 wherever the test does not pin the CPU, so this is the CUDA + bf16 path
 #    of every stage on tiny models (and on the SD3.5-M-shaped miniature, tests/test_sd35_shape.py).
-# 3. bench_sd35.txt: bench.py's OPD-against-GRPO part on a random pipeline of SD3.5-M's real size
-#    (sd35_miniature.build_sd35_miniature(full=True): its transformer and VAE, one-layer text
-#    encoders of its widths), 512 px, 256 T5 tokens, micro-batch 8: each iteration's time, the
-#    share inside the transformer, the peak GPU memory, and the ratio OPD/GRPO.
+# 3. bench_sd35.txt: bench.py on a random pipeline of SD3.5-M's real size (sd35_miniature's
+#    full=True: its transformer and VAE, one-layer text encoders of its widths): the GPU memory
+#    held with 1, 2 and 3 LoRA teachers and with one full-weight teacher; then OPD against GRPO at
+#    512 px, 256 T5 tokens, micro-batch 8: each iteration's time, the share inside the
+#    transformer, the peak GPU memory, and the ratio OPD/GRPO.
 #
 # A machine without the internet needs the packages its image lacks as wheels in .whl/ (git-ignored;
 # this script installs them). On a machine with pip, for Python 3.12 on x86-64:
@@ -45,6 +46,6 @@ timeout "${TEST_TIMEOUT:-360}" "$PY" -m pytest -q -rf -p no:cacheprovider ${TEST
 echo "== tests: $((SECONDS - start)) s" | tee -a "$OUT/tests.txt"
 
 t=$SECONDS
-timeout "${BENCH_TIMEOUT:-240}" "$PY" bench.py --only opd --model "${BENCH_MODEL:-sd35-full}" \
-    --resolution "${BENCH_RES:-512}" --t5_tokens "${BENCH_T5:-256}" --micro_batch 8 --train_steps 3 2>&1 | grep -v "it/s" | tail -12 | tee "$OUT/bench_sd35.txt"
+timeout "${BENCH_TIMEOUT:-240}" "$PY" bench.py --only memory --only opd --model "${BENCH_MODEL:-sd35-full}" \
+    --resolution "${BENCH_RES:-512}" --t5_tokens "${BENCH_T5:-256}" --micro_batch 8 --train_steps 3 2>&1 | grep -v "it/s" | tail -24 | tee "$OUT/bench_sd35.txt"
 echo "== bench: $((SECONDS - t)) s; total $((SECONDS - start)) s" | tee -a "$OUT/bench_sd35.txt"

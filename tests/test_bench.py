@@ -21,7 +21,7 @@ def test_bench_runs_all_parts_and_lora_teachers_cost_their_adapter():
     adapter_kb = float(re.search(r"one LoRA adapter \(r=8\) is ([\d.]+) kB", text).group(1))
     added = [float(x) for x in re.findall(r"\+ \d LoRA teachers?\s+[\d,]+\s+([\d.]+) kB", text)]
     assert len(added) == 3 and all(0 < a < 2 * adapter_kb for a in added), (added, adapter_kb)
-    full = float(re.search(r"\+ 1 full copy\s+[\d,]+\s+([\d.]+) kB", text).group(1))
+    full = float(re.search(r"\+ 1 full teacher\s+[\d,]+\s+([\d.]+) kB", text).group(1))
     assert full > 10 * adapter_kb  # the control: a model copy costs far more than an adapter
 
 

@@ -68,10 +68,14 @@ def test_the_miniature_has_sd35_structure_and_decodes_through_its_vae(mini):
 
 def test_every_stage_on_the_miniature(mini, tmp_path, geneval_models, capsys, caplog):
     m = str(mini)
-    # stage 1: a teacher with the OCR reward (RapidOCR, offline), then GRPO-Mix on ocr + geneval
-    teacher_grpo.main(flags(model=m, reward="ocr", out=tmp_path / "ocr", eval_every=2, eval_tasks="ocr", **GRPO))
-    teacher_grpo.main(flags(model=m, tasks="ocr,geneval", out=tmp_path / "mix", eval_every=0, **GRPO))
-    teacher_grpo.main(flags(model=m, reward="geneval", out=tmp_path / "geneval", eval_every=0, **GRPO))
+    # stage 1: a teacher with the OCR reward (RapidOCR, offline), then GRPO-Mix on ocr + geneval. A
+    # random model's images hold no text, so OCR scores all 0 and a group has no spread: a shared
+    # brightness term gives the few steps here a gradient, and the LoRAs something to carry
+    shared = dict(shared_reward="brightness:0.5")
+    teacher_grpo.main(flags(model=m, reward="ocr", out=tmp_path / "ocr", eval_every=2, eval_tasks="ocr", **shared,
+                            **GRPO))
+    teacher_grpo.main(flags(model=m, tasks="ocr,geneval", out=tmp_path / "mix", eval_every=0, **shared, **GRPO))
+    teacher_grpo.main(flags(model=m, reward="geneval", out=tmp_path / "geneval", eval_every=0, **shared, **GRPO))
     lora = load_file(str(tmp_path / "ocr" / "final" / "pytorch_lora_weights.safetensors"))
     # Flow-GRPO's targets: the joint attention's 8 projections in every block (the last block's text
     # stream is pre-only, no to_add_out), not attn2 beside them (the published SD3.5-M LoRAs lack it too)
@@ -106,9 +110,39 @@ def test_every_stage_on_the_miniature(mini, tmp_path, geneval_models, capsys, ca
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert list(results) == ["base", "ocr", "geneval", "opd", "sft"]
     assert all(set(r) == {"ocr", "geneval"} and r["ocr"]["n"] == 2 for r in results.values())
+    # every stage's saved LoRA changes the miniature's output, loaded by plain diffusers and by peft
+    outputs = {name: _outputs_with(mini, folder) for name, folder in [
+        ("ocr", tmp_path / "ocr" / "final"), ("mix", tmp_path / "mix" / "final"),
+        ("merge_exact", tmp_path / "merge_exact" / "final"), ("merge_svd", tmp_path / "merge_svd" / "final"),
+        ("sft", tmp_path / "sft" / "final"), ("opd", tmp_path / "opd" / "final")]}
+    base = _outputs_with(mini, None)[0]
+    for name, (by_diffusers, by_peft) in outputs.items():
+        assert not torch.equal(by_diffusers, base), name
+        torch.testing.assert_close(by_peft, by_diffusers, rtol=1e-4, atol=1e-6, msg=name)
     # prompts longer than --t5_tokens: one note per encoding, not diffusers' warning per batch of 32
     assert not [r for r in caplog.records if "truncated" in r.getMessage()]
     assert "longer than --t5_tokens 8 T5 tokens and are cut there" in capsys.readouterr().out
+
+
+def _outputs_with(pipe_dir, folder):
+    """The miniature transformer's output on fixed inputs with the LoRA in `folder` loaded by
+    diffusers' load_lora_weights and by peft's PeftModel.from_pretrained (None: the base)."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft import PeftModel
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(2, 16, 8, 8, generator=g), timestep=torch.tensor([500.0, 800.0]),
+                  encoder_hidden_states=torch.randn(2, 85, 48, generator=g),
+                  pooled_projections=torch.randn(2, 48, generator=g), return_dict=False)
+    outs = []
+    for way in ("diffusers", "peft"):
+        pipe = StableDiffusion3Pipeline.from_pretrained(str(pipe_dir))
+        if folder is not None and way == "diffusers":
+            pipe.load_lora_weights(str(folder))
+        net = pipe.transformer if folder is None or way == "diffusers" else \
+            PeftModel.from_pretrained(pipe.transformer, str(folder))
+        with torch.no_grad():
+            outs.append(net(**inputs)[0])
+    return outs
 
 
 def test_torchrun_opd_on_the_miniature(mini, tmp_path):
