@@ -231,3 +231,31 @@ def test_full_weights_of_another_architecture_are_refused_naming_the_key(policy,
     with pytest.raises(ValueError, match=r"holds full transformer weights, not a LoRA; opd_distill.py takes it"):
         read_lora(tmp_path / "extra.safetensors")
     assert not policy.full
+
+
+def test_readme_hub_ids_reach_the_download_in_merge_opd_and_eval(policy, tiny_pipe_dir, tmp_path, monkeypatch):
+    """The README's GPU recipe, its three scripts with the published ids (the download mocked: a
+    tiny LoRA comes back), on the tiny pipeline: each gets past the download and finishes."""
+    import huggingface_hub
+
+    import eval as evaluation
+    import merge_coldstart
+    import opd_distill
+    _randomise(add_student(policy, rank=4, alpha=8), 5)
+    save_adapter(policy, "student", tmp_path / "published")
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **kw: asked.append(repo_id) or str(tmp_path / "published"))
+    T = ["ocr=jieliu/SD3.5M-FlowGRPO-Text", "geneval=jieliu/SD3.5M-FlowGRPO-GenEval"]
+    m = ["--model", str(tiny_pipe_dir)]
+    merge_coldstart.main(m + ["--teachers", *T, "--method", "exact", "--out", str(tmp_path / "merge")])
+    opd_distill.main(m + ["--teachers", *T, "--anchor", "jieliu/SD3.5M-FlowGRPO-PickScore", "--init",
+                          str(tmp_path / "merge" / "final"), "--out", str(tmp_path / "opd"), "--resolution", "32",
+                          "--t5_tokens", "1", "--num_steps", "2", "--group_size", "2", "--prompts_per_step", "2",
+                          "--batch_size", "4", "--max_steps", "1", "--eval_every", "0", "--lora_rank", "4"])
+    evaluation.main(m + ["--ckpt", "base", "--ckpt", T[0], "--ckpt", f"opd={tmp_path / 'opd' / 'final'}",
+                         "--tasks", "count", "--num_prompts", "1", "--resolution", "32", "--t5_tokens", "1",
+                         "--eval_steps", "2", "--out", str(tmp_path / "eval")])
+    assert set(asked) == {"jieliu/SD3.5M-FlowGRPO-Text", "jieliu/SD3.5M-FlowGRPO-GenEval",
+                          "jieliu/SD3.5M-FlowGRPO-PickScore"}
+    assert (tmp_path / "opd" / "final").exists() and (tmp_path / "eval" / "results.json").exists()
