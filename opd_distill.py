@@ -96,7 +96,7 @@ DEFAULTS = dict(
     eval_images=1,             # images per eval prompt, each from its own noise (the tiny preset: 4)
     save_every=50,
     seed=0,
-    wandb="",                 # a W&B project: every metrics.jsonl record is logged there too
+    wandb="",                  # a W&B project: every metrics.jsonl record is logged there too
 )
 TINY_ASSETS = Path(__file__).resolve().parent / "assets" / "tiny"
 PRESETS = {

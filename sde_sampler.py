@@ -14,9 +14,10 @@ Convention (SD3): sigma = 1 is pure noise, sigma = 0 is data, x_s = (1 - s) x0 +
 network predicts v = eps - x0. Sampling walks the scheduler's sigmas from 1 down to 0.
 
 Sections, top to bottom: the maths (pure and small, each with its derivation in the docstring);
-the SD3 backbone (loading, prompt encoding, the velocity call, decoding, the schedule), the only
-part that knows the model family; the sampling loops, with any adapter; LoRA adapters on the
-one base. (The tiny world's random pipeline is built by pretrain_tiny.build_tiny_pipeline.)
+the SD3 backbone (loading, prompt encoding through a bounded cache, the velocity call, decoding,
+the schedule), the only part that knows the model family; the sampling loops, with any adapter
+or a mixed batch of them. The adapters themselves (add, save, read, check, load) are lora.py.
+(The tiny world's random pipeline is built by pretrain_tiny.build_tiny_pipeline.)
 """
 
 import json
@@ -240,7 +241,7 @@ def _encode_missing(policy, missing):
     encoders = [m for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3) if m is not None]
     for m in encoders:
         m.to(policy.device)
-    # diffusers warns once per batch of 32 (with the cut words); one line per call says it all
+    # diffusers warns of cut prompts once per batch of 32; cache_prompts says it once per run
     log = logging.getLogger("diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3")
     level, _ = log.level, log.setLevel(logging.ERROR)
     new = {}
@@ -257,10 +258,6 @@ def _encode_missing(policy, missing):
     if not policy.keep_encoders:
         for m in encoders:  # dead weight on the accelerator between encodings
             m.to("cpu")
-    cut = [t for t in missing if pipe.tokenizer_3 is not None and len(pipe.tokenizer_3(t).input_ids) > policy.t5_tokens]
-    if cut:
-        print(f"note: {len(cut)} of {len(missing)} prompts are longer than --t5_tokens {policy.t5_tokens} "
-              f"T5 tokens and are cut there, e.g. {cut[0][:60]!r}")
     cache = policy.embeds
     for text, entry in new.items():
         cache[text] = entry
@@ -272,13 +269,17 @@ def _encode_missing(policy, missing):
 
 def cache_prompts(policy, prompts):
     """Before training: encode every prompt a run will use, once, if their embeddings fit in
-    policy.cache_bytes (the tiny world's ~1,100 prompts take 25 MB). If not (OPD on ocr +
+    policy.cache_bytes (the tiny world's ~1,100 prompts take 10 MB). If not (OPD on ocr +
     geneval: 9,010 prompts, 23 GiB at SD3.5-M's 2.6 MiB), prompts are encoded when a batch needs
     them and the least recently used leave the cache; the text encoders then stay on the device
     (SD3.5-M's: 11 GB in bf16) instead of crossing the bus at every micro-batch. Either way the
     host holds at most cache_bytes of embeddings per process."""
     prompts = sorted(set(prompts) | {""})  # "" is the negative prompt
     cfg, pipe = policy.transformer.config, policy.pipe
+    cut = [t for t in prompts if pipe.tokenizer_3 is not None and len(pipe.tokenizer_3(t).input_ids) > policy.t5_tokens]
+    if cut:
+        print(f"note: {len(cut)} of {len(prompts)} prompts are longer than --t5_tokens {policy.t5_tokens} "
+              f"T5 tokens and are cut there, e.g. {cut[0][:60]!r}")
     elem = (pipe.text_encoder or pipe.text_encoder_3).dtype.itemsize
     per_prompt = ((pipe.tokenizer_max_length + policy.t5_tokens) * cfg.joint_attention_dim
                   + cfg.pooled_projection_dim) * elem
