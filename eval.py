@@ -183,7 +183,8 @@ def results_table(results, cfg, n_rows):
     for name, res in results.items():
         cells = []
         for t in tasks:
-            cell = f"{res[t]['mean']:.3f}" + (f" ({res[t]['strict']:.3f})" if "strict" in res[t] else "")
+            cell = (f"{res[t]['mean']:.3f}" + (f" ±{res[t]['se']:.3f}" if "se" in res[t] else "")
+                    + (f" ({res[t]['strict']:.3f})" if "strict" in res[t] else ""))
             cells.append(f"**{cell}**" if f"{res[t]['mean']:.3f}" == best[t] else cell)
         avg = sum(res[t]["mean"] for t in tasks) / len(tasks)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {avg:.3f} |")
@@ -198,7 +199,8 @@ def results_table(results, cfg, n_rows):
                      for v in ([r[k] for r in runs] for k in [*tasks, "average"])]
             lines.append(f"| {prefix} ({len(names)} seeds) | " + " | ".join(cells) + " |")
         lines += ["", "Over seeds: the checkpoints named PREFIX@sN, mean of their task means [min-max]."]
-    lines += ["", "Each cell: the task's mean reward (partial credit), with its strict pass rate in parentheses "
+    lines += ["", "Each cell: the task's mean reward (partial credit), ± its standard error over prompts (a "
+              "prompt's images averaged first), with its strict pass rate in parentheses "
               "where the task has one (GenEval's accuracy, exact OCR match); best mean in bold. "
               "pickscore is PickScore / 26. average: the mean of the task means.", ""]
     for t in tasks:

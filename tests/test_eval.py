@@ -241,6 +241,7 @@ def test_scores_per_prompt_tag():
     assert res["pickscore"]["se"] == pytest.approx(torch.tensor([0.8, 0.8, 0.8, 0.9]).std().item() / 2)
     cfg = dict(model="m", eval_steps=20, guidance=4.5, resolution=32, seed=0, split="test")
     table = evaluation.results_table({"base": res}, cfg, {"count": 3, "text": 1, "pickscore": 4})
+    assert re.search(r"\| base \| 0\.533 ±0\.\d{3} \(0\.333\) \| 0\.300 ±0\.000 \(0\.000\) \|", table), table
     assert "| checkpoint | single (2) | position (1) |" in table
     assert "| base | 0.750 (0.500) | 0.100 (0.000) |" in table
 
