@@ -40,7 +40,7 @@ EOF
 
 # TESTS and BENCH_MODEL/BENCH_RES/BENCH_T5 cut the check short (tests/test_bench.py runs it so on a CPU)
 # shellcheck disable=SC2086
-timeout "${TEST_TIMEOUT:-360}" "$PY" -m pytest -q -rf -p no:cacheprovider ${TESTS:-tests/} \
+timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest -q -rf -p no:cacheprovider ${TESTS:-tests/} \
     --deselect tests/test_teacher_grpo.py::test_resume_continues_with_identical_state 2>&1 \
     | tail -60 | tee "$OUT/tests.txt"
 echo "== tests: $((SECONDS - start)) s" | tee -a "$OUT/tests.txt"

@@ -324,8 +324,9 @@ def load_teacher(policy, source, name, rank=0):
                  f"{max(dropped.values()):.2e} ({max(dropped, key=dropped.get)})" if dropped else ""))
         return load_adapter(policy, source, name, lora=lora)
     from diffusers import SD3Transformer2DModel
-    copy = SD3Transformer2DModel.from_config(tr.config)
-    copy.load_state_dict(state)
+    with torch.device("meta"):  # no random init of weights that are about to be replaced (SD3.5-M: 2.2 B)
+        copy = SD3Transformer2DModel.from_config(tr.config)
+    copy.load_state_dict(state, assign=True)
     copy.to(policy.device, policy.dtype).requires_grad_(False).eval()
     policy.full[name] = copy
     size = sum(p.numel() * p.element_size() for p in copy.parameters())

@@ -80,16 +80,20 @@ def build_sd35_miniature(out_dir, seed=0, sample_size=8, num_layers=3, dual_atte
                         sample_size=1024 if full else 8 * sample_size, use_quant_conv=False,
                         use_post_quant_conv=False, **SD35)
     # joint_attention_dim = T5's width (CLIP's are zero-padded to it); pooled = CLIP-L's + CLIP-G's
-    transformer = SD3Transformer2DModel(**SD35_TRANSFORMER) if full else SD3Transformer2DModel(
-        sample_size=sample_size, patch_size=2, in_channels=16, out_channels=16, num_layers=num_layers,
-        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=width, caption_projection_dim=32,
-        pooled_projection_dim=sum(clips), pos_embed_max_size=2 * sample_size,
-        dual_attention_layers=tuple(dual_attention_layers), qk_norm="rms_norm")
+    if full:  # the random init of 2.2 B parameters is quick on a GPU, slow on a CPU
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            transformer = SD3Transformer2DModel(**SD35_TRANSFORMER).to(torch.bfloat16)
+    else:
+        transformer = SD3Transformer2DModel(
+            sample_size=sample_size, patch_size=2, in_channels=16, out_channels=16, num_layers=num_layers,
+            attention_head_dim=8, num_attention_heads=4, joint_attention_dim=width, caption_projection_dim=32,
+            pooled_projection_dim=sum(clips), pos_embed_max_size=2 * sample_size,
+            dual_attention_layers=tuple(dual_attention_layers), qk_norm="rms_norm")
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
         text_encoder=clip(clips[0], clips[0]), tokenizer=clip_tok, text_encoder_2=clip(clips[1], clips[1]),
         tokenizer_2=clip_tok, text_encoder_3=t5, tokenizer_3=t5_tok)
     if full:
-        pipe.to(torch.bfloat16)
+        pipe.to("cpu", torch.bfloat16)
     pipe.save_pretrained(out_dir)
     return pipe
