@@ -321,7 +321,7 @@ def velocity(policy, x, sigma, cond, guidance, transformer=None):
     diffusers does (a float guidance of 1 needs the cond half only)."""
     e, p, ne, npool = cond
     t = _per_sample(sigma, x).reshape(-1).expand(x.shape[0]) * 1000
-    net = transformer or policy.transformer
+    net = policy.transformer if transformer is None else transformer
     with policy.autocast():
         if not torch.is_tensor(guidance) and guidance == 1.0:
             return net(hidden_states=x.to(policy.dtype), timestep=t, encoder_hidden_states=e,
