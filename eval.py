@@ -8,7 +8,8 @@ Score any set of checkpoints side by side on every task: a table, image grids, p
 
 Every checkpoint is a LoRA adapter on ONE loaded base (`base` is the base itself, adapters
 off); NAME=PATH names one, a bare PATH is named by its stem. Any form load_adapter accepts
-works: our diffusers folders, peft folders, .safetensors/.pt state dicts, hub ids. All are
+works: our diffusers folders, peft folders, .safetensors/.pt state dicts, hub ids; and a fully
+fine-tuned transformer's weights, sampled through a copy of its own (lora.load_teacher). All are
 checked before any sampling, so a bad path stops the run at once, named.
 
 Each task's prompts (its built-in test split, or --prompts TASK=FILE) are sampled with the ODE
@@ -42,7 +43,7 @@ from tqdm import tqdm
 import common
 import scoring
 import tinyworld
-from lora import load_adapter, read_lora
+from lora import is_full_weights, load_teacher, read_lora
 from prompts import BUILTIN, TINY_TASKS, load_prompts
 from rewards import get_reward, preload, set_device
 from scoring import SEED_STRIDE
@@ -116,13 +117,14 @@ def lora_fingerprint(source):
 
 
 def model_fingerprint(model):
-    """A pipeline folder by the names, sizes and mtimes of its files (hashing GBs of weights
-    would cost more than it saves); a hub id by its name."""
+    """A pipeline folder (or a full-weight checkpoint) by the names, sizes and mtimes of its
+    files (hashing GBs of weights would cost more than it saves); a hub id by its name."""
     root = Path(model)
-    if not root.is_dir():
-        return model
-    files = sorted(p for p in root.rglob("*") if p.is_file())
-    stats = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    if not root.exists():
+        return str(model)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    stats = [(str(p.relative_to(root)) if root.is_dir() else p.name, p.stat().st_size, p.stat().st_mtime_ns)
+             for p in files]
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 
@@ -244,7 +246,8 @@ def main(argv=None):
         fingerprints = {}
         for name, source in ckpts.items():
             try:
-                fingerprints[name] = "base" if source is None else lora_fingerprint(source)
+                fingerprints[name] = ("base" if source is None else "full:" + model_fingerprint(source)
+                                      if is_full_weights(source) else lora_fingerprint(source))
             except (ValueError, FileNotFoundError) as e:
                 raise ValueError(f"--ckpt {name}: {e.args[0] if e.args else e}") from None
             except Exception as e:  # a corrupt file surfaces as its reader's own error type
@@ -265,7 +268,7 @@ def main(argv=None):
     with common.startup_errors():
         for k, (name, source) in enumerate(ckpts.items()):
             try:
-                adapters[name] = BASE if source is None else load_adapter(policy, source, f"ckpt{k}")
+                adapters[name] = BASE if source is None else load_teacher(policy, source, f"ckpt{k}")
             except (ValueError, FileNotFoundError) as e:
                 raise ValueError(f"--ckpt {name}: {e.args[0] if e.args else e}") from None
 

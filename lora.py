@@ -254,6 +254,23 @@ def read_full_weights(source):
     return {k.removeprefix("transformer."): v for k, v in state.items()}
 
 
+def is_full_weights(source):
+    """Whether a source holds full transformer weights, read from the file headers alone where
+    the format allows (safetensors), so a multi-GB checkpoint is not loaded to find out."""
+    path = Path(str(source))
+    files = sorted(path.glob("diffusion_pytorch_model*.safetensors")) if path.is_dir() else [path]
+    if not files or not files[0].is_file() or files[0].suffix not in LORA_FILE_SUFFIXES:
+        return False
+    if files[0].suffix == ".safetensors":
+        from safetensors import safe_open
+        try:
+            with safe_open(str(files[0]), framework="pt") as f:
+                return not any("lora_" in k for k in f.keys())
+        except Exception:
+            return False  # unreadable: read_lora names the problem
+    return read_full_weights(files[0]) is not None
+
+
 def base_weights(transformer):
     """{state-dict key: tensor} of the base model itself, peft's wrapping and adapters removed."""
     return {k.replace(".base_layer.", "."): v for k, v in transformer.state_dict().items() if "lora_" not in k}

@@ -428,7 +428,8 @@ def rollout(policy, prompts, num_steps, guidance, noise_level, generator=None, l
     sde_steps = k keeps the noise in the first k steps only and finishes with ODE steps (the
     SDE window of Flow-GRPO-Fast): the steps that are not trained then leave no sampling noise
     in the final image, which matters when the reward reads pixels directly (the tiny world).
-    adapter picks the sampling adapter (default: the student if any, else the base).
+    adapter picks the sampling adapter (default: the student if any, else the base), or a
+    full-weight model loaded by lora.load_teacher.
     Returns a dict: states (B,T,...) the state before each step, next_states (B,T,...),
     log_probs (B,T), sigmas (T+1,) and latents (B,...) the final sample."""
     cond = encode(policy, prompts, negative_prompt)
@@ -441,8 +442,11 @@ def rollout(policy, prompts, num_steps, guidance, noise_level, generator=None, l
     states, next_states, log_probs = [], [], []
     for i in range(num_steps):
         s, s_next = sigmas[i].item(), sigmas[i + 1].item()
-        with using_adapter(policy, adapter):
-            v = velocity(policy, x, s, cond, guidance)
+        if adapter in policy.full:  # a full-weight model (lora.load_teacher) samples through its own copy
+            v = velocity(policy, x, s, cond, guidance, transformer=policy.full[adapter])
+        else:
+            with using_adapter(policy, adapter):
+                v = velocity(policy, x, s, cond, guidance)
         noisy = sde_steps is None or i < sde_steps
         x_next, log_prob, _, _ = sde_step(v, x, s, s_next, noise_level if noisy else 0.0, generator=generator)
         states.append(x)

@@ -88,6 +88,28 @@ def test_periodic_eval_and_eval_py_are_one_path(first_run, tiny_pipe_dir, lora_d
         sum(d["score"] for d in want) / NUM_PROMPTS)
 
 
+def test_full_weight_checkpoint_side_by_side(first_run, tiny_pipe_dir, tmp_path, capsys):
+    """A fully fine-tuned transformer's weights as a --ckpt: sampled through their own copy. The
+    base's own weights saved as one give exactly the base's scores; perturbed ones do not."""
+    from safetensors.torch import save_file
+    from lora import base_weights
+    _, results, _, _ = first_run
+    state = {k: v.detach().clone().contiguous() for k, v in
+             base_weights(load_policy(str(tiny_pipe_dir), device="cpu").transformer).items()}
+    save_file(state, str(tmp_path / "same.safetensors"))
+    state["proj_out.weight"] += 0.05 * torch.randn(state["proj_out.weight"].shape, generator=torch.Generator().manual_seed(0))
+    save_file(state, str(tmp_path / "tuned.safetensors"))
+    out = tmp_path / "full"
+    evaluation.main(_args(tiny_pipe_dir, out, "base", str(tmp_path / "same.safetensors"), str(tmp_path / "tuned.safetensors")))
+    got = json.loads((out / "results.json").read_text())
+    assert "full weights, its own frozen copy" in capsys.readouterr().out
+    for t in TASKS:
+        assert got["same"][t]["mean"] == got["base"][t]["mean"] == results["base"][t]["mean"]
+    assert any(got["tuned"][t]["mean"] != got["base"][t]["mean"] for t in TASKS)
+    fingerprints = json.loads((out / "config.json").read_text())["fingerprints"]
+    assert fingerprints["same"].startswith("full:") and fingerprints["same"] != fingerprints["tuned"]
+
+
 def test_second_run_identical_from_cache(first_run, tiny_pipe_dir, lora_dir, tmp_path, capsys):
     out, results, details, stamps = first_run
     evaluation.main(_args(tiny_pipe_dir, out, "base", f"lora={lora_dir}"))
