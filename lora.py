@@ -171,8 +171,9 @@ def read_lora(source):
     if not a_keys or any(not (k.endswith(".lora_A.weight") or k.endswith(".lora_B.weight")) for k in state):
         bad = next((k for k in state if not k.endswith(("lora_A.weight", "lora_B.weight"))), "no lora_A keys")
         if state and all(not k.endswith(("lora_A.weight", "lora_B.weight")) for k in state):
-            raise ValueError(f"{src}: holds full transformer weights, not a LoRA; opd_distill.py takes it as a "
-                             "teacher (its own copy, or --teacher_rank R for a LoRA of its delta); merging needs LoRAs")
+            raise ValueError(f"{src}: holds full transformer weights, not a LoRA; opd_distill.py and sft_coldstart.py "
+                             "take it as a teacher and eval.py as a --ckpt (its own copy; opd_distill's --teacher_rank R "
+                             "makes it a LoRA of its delta), but a merge or an --init needs LoRAs")
         raise ValueError(f"{src}: not a LoRA state dict in peft/diffusers naming (key {bad!r})")
     modules = sorted(k[: -len(".lora_A.weight")] for k in a_keys)
     ranks = {state[m + ".lora_A.weight"].shape[0] for m in modules}

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 import common
-from lora import add_student, load_adapter, read_lora
+from lora import add_student, is_full_weights, load_teacher, read_lora
 from prompts import load_prompts
 from sde_sampler import encode, initial_noise, load_policy, resolve_model, rollout, velocity
 from tinyworld import SAMPLING as TINY
@@ -143,8 +143,9 @@ def main(argv=None):
         if cfg["samples_per_task"] < 1 or cfg["batch_size"] < 1:
             raise ValueError("--samples_per_task and --batch_size must be positive")
         names, sources = list(teachers), list(teachers.values())
-        for s in sources:  # every file readable before the pipeline loads; its layers are checked on loading
-            read_lora(s)
+        for s in sources:  # every LoRA readable before the pipeline loads; its layers are checked on loading
+            if not is_full_weights(s):
+                read_lora(s)
         rows = {n: load_prompts(n, "train") for n in names}
         resume_from = common.prepare_out(out, cfg["resume"])
         cfg["model"] = resolve_model(cfg["model"], cfg["preset"])
@@ -159,8 +160,8 @@ def main(argv=None):
         policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"], t5_tokens=cfg["t5_tokens"],
                              cache_gb=cfg["embed_cache_gb"])
     with common.startup_errors():
-        for n, s in zip(names, sources):
-            load_adapter(policy, s, n)
+        for n, s in zip(names, sources):  # a LoRA, or full weights sampled through their own copy
+            load_teacher(policy, s, n)
     if resume_from is not None:
         params = add_student(policy, init=resume_from)
     else:

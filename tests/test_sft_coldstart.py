@@ -41,6 +41,21 @@ def test_sft_samples_the_routed_teachers_and_learns_them(policy, tiny_pipe_dir, 
     assert probes[-1] < probes[0] - 0.01, probes
 
 
+def test_sft_samples_a_full_weight_teacher_through_its_own_copy(tiny_pipe_dir, tmp_path, teachers):
+    """--teachers count=FULL.safetensors: its samples are those of the fine-tuned model itself."""
+    from sde_sampler import load_policy
+    from test_lora import _full_teacher
+    truth = load_policy(str(tiny_pipe_dir), device="cpu")
+    state = _full_teacher(truth, tmp_path / "count.safetensors")
+    truth.transformer.load_state_dict(state)
+    out = tmp_path / "sft"
+    _sft(tiny_pipe_dir, out, [f"count={tmp_path / 'count.safetensors'}", f"text={teachers[1]}"], max_steps=1)
+    samples = torch.load(out / "sft_samples.0-of-1.pt", weights_only=True)
+    for i in range(2):  # the count samples
+        want = rollout(truth, [samples["prompts"][i]], 2, 1.0, 0.0, latents=initial_noise(truth, [i]))["latents"]
+        assert (samples["latents"][i] - want[0]).abs().max() < 1e-4
+
+
 def test_sft_sample_cache_key_holds_everything_that_changes_a_sample():
     from sft_coldstart import DEFAULTS, sample_key
     key = sample_key(DEFAULTS)
