@@ -302,7 +302,7 @@ def lora_of_delta(transformer, state, rank):
                and ".lora_" not in n and not n.endswith(".base_layer")}
     lora, errors, dropped = {}, {}, {}
     for key, w in state.items():
-        delta = w.float() - base[key].float()
+        delta = w.to(base[key].device).float() - base[key].float()  # the base may sit on the GPU
         if not delta.any():
             continue
         layer = key.removesuffix(".weight")
