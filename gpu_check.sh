@@ -38,14 +38,20 @@ print(f"torch {torch.__version__}, {name}; diffusers {diffusers.__version__}, tr
       f"{transformers.__version__}, peft {peft.__version__}")
 EOF
 
-# TESTS and BENCH_MODEL/BENCH_RES/BENCH_T5 cut the check short (tests/test_bench.py runs it so on a CPU)
+# TESTS, SLOW_TESTS and BENCH_MODEL/BENCH_RES/BENCH_T5 cut the check short (tests/test_bench.py does, on a CPU)
 # shellcheck disable=SC2086
-timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest -q -rf -p no:cacheprovider ${TESTS:-tests/} \
+timeout "${TEST_TIMEOUT:-270}" "$PY" -m pytest -q -rf -p no:cacheprovider ${TESTS:-tests/} \
     --deselect tests/test_teacher_grpo.py::test_resume_continues_with_identical_state 2>&1 \
     | tail -60 | tee "$OUT/tests.txt"
+# and the slow end-to-end runs of every stage on the SD3.5-M miniature (SLOW_TESTS="" skips them)
+SLOW_TESTS=${SLOW_TESTS-tests/test_sd35_shape.py}
+if [ -n "$SLOW_TESTS" ]; then
+    timeout "${SLOW_TIMEOUT:-100}" "$PY" -m pytest -q -rf -p no:cacheprovider -m slow $SLOW_TESTS 2>&1 \
+        | tail -30 | tee -a "$OUT/tests.txt"
+fi
 echo "== tests: $((SECONDS - start)) s" | tee -a "$OUT/tests.txt"
 
 t=$SECONDS
-timeout "${BENCH_TIMEOUT:-240}" "$PY" bench.py --only memory --only opd --model "${BENCH_MODEL:-sd35-full}" \
+timeout "${BENCH_TIMEOUT:-200}" "$PY" bench.py --only memory --only opd --model "${BENCH_MODEL:-sd35-full}" \
     --resolution "${BENCH_RES:-512}" --t5_tokens "${BENCH_T5:-256}" --micro_batch 8 --train_steps 3 2>&1 | grep -v "it/s" | tail -24 | tee "$OUT/bench_sd35.txt"
 echo "== bench: $((SECONDS - t)) s; total $((SECONDS - start)) s" | tee -a "$OUT/bench_sd35.txt"

@@ -30,8 +30,8 @@ def test_gpu_check_script_cut_short_on_the_cpu(tmp_path):
     """gpu_check.sh as a lent GPU machine runs it, cut to one test file and the SD3.5-shaped
     miniature (the real-size model needs the GPU): its three reports are written and say what
     they measure."""
-    env = {**__import__("os").environ, "TESTS": "tests/test_sd35_shape.py -k structure", "BENCH_MODEL": "sd35-mini",
-           "BENCH_RES": "64", "BENCH_T5": "8", "PYTHON": sys.executable}
+    env = {**__import__("os").environ, "TESTS": "tests/test_sd35_shape.py -k structure", "SLOW_TESTS": "",
+           "BENCH_MODEL": "sd35-mini", "BENCH_RES": "64", "BENCH_T5": "8", "PYTHON": sys.executable}
     out = subprocess.run(["bash", "gpu_check.sh", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
                          timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-2000:]

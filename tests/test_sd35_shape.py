@@ -1,6 +1,7 @@
 """Every stage through its command line, WITHOUT --preset, on a random miniature of SD3.5-Medium's
-structure (tests/sd35_miniature.py: 16-channel VAE with SD3.5's scaling and shift, CLIP-L/G and
-T5 encoders, dual attention, RMS qk-norm): the code path a GPU user runs, cut short by flags."""
+structure (sd35_miniature.py: 16-channel VAE with SD3.5's scaling and shift, CLIP-L/G and T5
+encoders, dual attention, RMS qk-norm): the code path a GPU user runs, cut short by flags. The
+two end-to-end tests are marked slow (.ci/run runs them after the README's test command)."""
 import json
 import os
 import subprocess
@@ -66,6 +67,7 @@ def test_the_miniature_has_sd35_structure_and_decodes_through_its_vae(mini):
     assert (decode(policy, z)[0].size == (64, 64)) and (torch.from_numpy(want).numpy() == decode(policy, z)[0]).all()
 
 
+@pytest.mark.slow  # end-to-end runs of every script, like the reproduce smoke tests
 def test_every_stage_on_the_miniature(mini, tmp_path, geneval_models, capsys, caplog):
     m = str(mini)
     # stage 1: a teacher with the OCR reward (RapidOCR, offline), then GRPO-Mix on ocr + geneval. A
@@ -145,6 +147,7 @@ def _outputs_with(pipe_dir, folder):
     return outs
 
 
+@pytest.mark.slow  # end-to-end runs of every script, like the reproduce smoke tests
 def test_torchrun_opd_on_the_miniature(mini, tmp_path):
     from conftest import random_teacher
     policy = load_policy(str(mini), device="cpu", t5_tokens=8)
