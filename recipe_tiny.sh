@@ -6,11 +6,12 @@
 #     bash recipe_tiny.sh [RUNS_DIR]                # default runs/recipe; run it again to resume
 #     SMOKE=1 bash recipe_tiny.sh /tmp/recipe       # every run cut to one step (tests/test_reproduce.py)
 #     PYTHON=.venv/bin/python bash recipe_tiny.sh   # without activating the venv
+#     ASSETS=old/assets/tiny bash recipe_tiny.sh    # another set of teachers, merge and clean teacher
 set -euo pipefail
 cd "$(dirname "$0")"
 R=${1:-runs/recipe}
 PY=${PYTHON:-python}
-A=assets/tiny
+A=${ASSETS:-assets/tiny}
 mkdir -p "$R"
 OPD=() EVAL=()
 if [ "${SMOKE:-0}" = 1 ]; then
@@ -18,15 +19,16 @@ if [ "${SMOKE:-0}" = 1 ]; then
     EVAL=(--num_prompts 2)
 fi
 T2="count=$A/count text=$A/text"
+P="$T2 clean=base"  # the preset's routing: clean prompts held at the base
 CKPTS=()
-run() {  # run NAME ARGS...: opd_distill.py --preset tiny ARGS into $R/NAME unless its final/ exists
+run() {  # run NAME ARGS...: the preset from $A's merge and teachers, with ARGS, into $R/NAME unless done
     local name=$1
     shift
     CKPTS+=(--ckpt "$name=$R/$name/final")
     if [ -e "$R/$name/final" ]; then echo "== $name: done, skipped"; return; fi
     echo "== $name: python opd_distill.py --preset tiny $*"
     local t=$SECONDS
-    "$PY" opd_distill.py --preset tiny "$@" --eval_every 0 --out "$R/$name" --resume "${OPD[@]}" > "$R/$name.log" 2>&1 \
+    "$PY" opd_distill.py --preset tiny --init "$A/merge" "$@" --eval_every 0 --out "$R/$name" --resume "${OPD[@]}" > "$R/$name.log" 2>&1 \
         || { echo "$name failed, see $R/$name.log"; exit 1; }
     echo "== $name: $((SECONDS - t)) s" | tee -a "$R/times.txt"
 }
@@ -37,11 +39,11 @@ run velocity --kl_weighting velocity --teachers $T2 --anchor $A/clean
 run velocity_anchor_base --kl_weighting velocity --teachers $T2 --anchor ""
 run velocity_clean_teacher --kl_weighting velocity --teachers $T2 clean=$A/clean --anchor $A/clean
 # the new preset: velocity weighting, clean prompts held at the base, the base as MAR anchor
-run preset
+run preset --teachers $P
 # clean prompts held at the init (the merge) instead of the base
 run preset_clean_at_init --teachers $T2 clean=$A/merge
-for b in 0 0.2 1; do run "preset_mar$b" --beta_mar "$b"; done
-run fresh --init ""
+for b in 0 0.2 1; do run "preset_mar$b" --teachers $P --beta_mar "$b"; done
+run fresh --teachers $P --init ""
 "$PY" eval.py --preset tiny --ckpt merge=$A/merge --ckpt count=$A/count --ckpt text=$A/text "${CKPTS[@]}" \
     --out "$R/eval" "${EVAL[@]}"
 "$PY" curves.py --results "$R/eval/results.json" --x count,text --y clean preset_mar0 preset preset_mar0.2 preset_mar1 \
