@@ -176,7 +176,10 @@ def results_table(results, cfg, n_rows):
     images = (f"; {k} images per prompt, the j-th from seed + i + {SEED_STRIDE:,} j" if k > 1 else "")
     shown = {t: [f"{r[t]['mean']:.3f}" for r in results.values()] for t in tasks}
     best = {t: max(v, key=float) if len(set(v)) > 1 else None for t, v in shown.items()}
-    lines = [f"# Eval: {cfg['model']}", "",
+    model = cfg["model"]  # a folder under the working directory is shown relative: results.md gets shipped
+    if Path(model).is_absolute() and Path(model).is_relative_to(Path.cwd()):
+        model = str(Path(model).relative_to(Path.cwd()))
+    lines = [f"# Eval: {model}", "",
              f"ODE, {cfg['eval_steps']} steps, guidance {cfg['guidance']}, {cfg['resolution']} px, "
              f"the i-th prompt of a task from seed {cfg['seed']} + i for every checkpoint{images}; {cfg['split']} prompts: "
              + ", ".join(f"{t} {n}" for t, n in n_rows.items()), "",

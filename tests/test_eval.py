@@ -244,6 +244,12 @@ def test_runs_over_seeds_are_summarised_as_mean_and_range():
     table = evaluation.results_table(res, cfg, {"count": 2, "text": 2})
     assert "| opd (2 seeds) | 0.300 [0.200-0.400] | 0.500 [0.400-0.600] | 0.400 [0.400-0.400] |" in table
     assert "base (" not in table
+    # a model folder under the working directory is named relative to it (results.md is shipped), others as given
+    assert table.startswith("# Eval: m\n")
+    inside = dict(cfg, model=str(Path.cwd() / "assets" / "tiny" / "base"))
+    assert evaluation.results_table(res, inside, {"count": 2, "text": 2}).startswith("# Eval: assets/tiny/base\n")
+    outside = dict(cfg, model="/elsewhere/base")
+    assert evaluation.results_table(res, outside, {"count": 2, "text": 2}).startswith("# Eval: /elsewhere/base\n")
 
 
 def test_scores_per_prompt_tag():
