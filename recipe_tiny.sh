@@ -19,9 +19,8 @@ if [ "${SMOKE:-0}" = 1 ]; then
     EVAL=(--num_prompts 2)
 fi
 T2="count=$A/count text=$A/text"
-P="$T2 clean=base"  # the preset's routing: clean prompts held at the base
 CKPTS=()
-run() {  # run NAME ARGS...: the preset from $A's merge and teachers, with ARGS, into $R/NAME unless done
+run() {  # run NAME ARGS...: the preset from $A's merge with ARGS (each names its --teachers from $A), into $R/NAME unless done
     local name=$1
     shift
     CKPTS+=(--ckpt "$name=$R/$name/final")
@@ -32,19 +31,23 @@ run() {  # run NAME ARGS...: the preset from $A's merge and teachers, with ARGS,
         || { echo "$name failed, see $R/$name.log"; exit 1; }
     echo "== $name: $((SECONDS - t)) s" | tee -a "$R/times.txt"
 }
-# the old preset: the authors' flowgrpo weighting, count and text prompts only, the clean teacher as MAR anchor
-run old --kl_weighting flowgrpo --teachers $T2 --anchor $A/clean
-# one change each
-run velocity --kl_weighting velocity --teachers $T2 --anchor $A/clean
-run velocity_anchor_base --kl_weighting velocity --teachers $T2 --anchor ""
-run velocity_clean_teacher --kl_weighting velocity --teachers $T2 clean=$A/clean --anchor $A/clean
-# the new preset: velocity weighting, clean prompts held at the base, the base as MAR anchor
-run preset --teachers $P
-# clean prompts held at the init (the merge) instead of the base
-run preset_clean_at_init --teachers $T2 clean=$A/merge
-for b in 0 0.2 1; do run "preset_mar$b" --teachers $P --beta_mar "$b"; done
-run fresh --teachers $P --init ""
+# the first preset: the authors' flowgrpo weighting, count and text prompts only, the clean teacher as MAR anchor
+run old --teachers $T2 --kl_weighting flowgrpo --anchor $A/clean --beta_mar 0.04
+# one change at a time
+run velocity --teachers $T2 --anchor $A/clean --beta_mar 0.04
+run velocity_anchor_base --teachers $T2 --beta_mar 0.04
+run velocity_clean_teacher --teachers $T2 clean=$A/clean --anchor $A/clean --beta_mar 0.04
+# the second preset: clean prompts held at the base (clean=base), MAR 0.04; then with a lower learning rate
+run clean_base --teachers $T2 clean=base --beta_mar 0.04
+run clean_base_lr3e-4 --teachers $T2 clean=base --beta_mar 0.04 --lr 3e-4
+# clean prompts held at the init (the merge), alone and with the init as MAR anchor
+run clean_at_init --teachers $T2 clean=$A/merge --beta_mar 0.04
+run anchor_init --teachers $T2 clean=$A/merge --anchor $A/merge --beta_mar 0.2
+# the preset: velocity weighting, count and text prompts, the base as MAR anchor at beta_mar 0.5; the sweep
+run preset --teachers $T2
+for b in 0 0.2 1; do run "preset_mar$b" --teachers $T2 --beta_mar "$b"; done
+run fresh --teachers $T2 --init ""
 "$PY" eval.py --preset tiny --ckpt merge=$A/merge --ckpt count=$A/count --ckpt text=$A/text "${CKPTS[@]}" \
     --out "$R/eval" "${EVAL[@]}"
-"$PY" curves.py --results "$R/eval/results.json" --x count,text --y clean preset_mar0 preset preset_mar0.2 preset_mar1 \
+"$PY" curves.py --results "$R/eval/results.json" --x count,text --y clean preset_mar0 velocity_anchor_base preset_mar0.2 preset preset_mar1 \
     --out "$R/mar_sweep.png"

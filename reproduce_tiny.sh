@@ -7,7 +7,7 @@
 #
 # teachers (count, text, clean) -> merge and SFT cold starts -> GRPO-Mix, OPD from the merge and
 # OPD from a fresh student (no cold start), once per seed -> the MAR sweep (beta_mar 0, 0.2, 1;
-# 0.04 is the preset), OPD with the clean teacher as anchor, with --loss pg, from the SFT init ->
+# 0.5 is the preset), OPD with the clean teacher as anchor, with --loss pg, from the SFT init ->
 # eval.py on all (the seeded rows also as mean [min-max]) -> curves.py: every task's test score
 # against training step for the teachers, GRPO-Mix and OPD, and the MAR trade-off (clean against
 # the mean of count and text, one point per beta_mar).
@@ -47,8 +47,8 @@ done
 T="count=$R/count/final text=$R/text/final"
 stage "$R/merge" merge_coldstart.py --teachers $T --method exact
 stage "$R/sft" sft_coldstart.py --teachers $T "${SFT[@]}"
-# OPD as its preset (README, "The OPD recipe"): clean prompts held at the base, the base as anchor
-O="$T clean=base"
+# OPD as its preset (README, "The OPD recipe"): count and text prompts, the base as MAR anchor at 0.5
+O="$T"
 # the key rows, once per seed: GRPO-Mix, OPD from the merge, OPD from a fresh student
 MIX=() MAIN=() FRESH=()
 S0=${SEEDS:-0}; S0=${S0%% *}
@@ -75,7 +75,7 @@ stage "$R/opd_sft" opd_distill.py --teachers $O --init "$R/sft/final" "${OPD[@]}
     --ckpt "opd_pg=$R/opd_pg/final" --ckpt "opd_from_sft=$R/opd_sft/final" --out "$R/eval" "${EVAL[@]}"
 "$PY" curves.py count="$R/count" text="$R/text" clean="$R/clean" grpo_mix="$R/mix_s$S0" opd="$R/opd_s$S0" \
     --out "$R/curves.png"
-"$PY" curves.py --results "$R/eval/results.json" --x count,text --y clean opd_mar0 "opd@s$S0" opd_mar0.2 opd_mar1 \
+"$PY" curves.py --results "$R/eval/results.json" --x count,text --y clean opd_mar0 opd_mar0.2 "opd@s$S0" opd_mar1 \
     --out "$R/mar_sweep.png"
 echo "total: $((SECONDS - start)) s this invocation; the stages in $R/times.txt add to" \
     "$(awk '{s += $(NF - 1)} END {print s + 0}' "$R/times.txt") s over every invocation"

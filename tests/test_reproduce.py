@@ -28,7 +28,8 @@ def test_smoke_chain_then_resume_skips(tmp_path):
     assert "| grpo_mix (2 seeds) |" in table and "| opd (2 seeds) |" in table and "| opd_fresh (2 seeds) |" in table
     assert (runs / "curves.png").stat().st_size > 0 and (runs / "mar_sweep.png").stat().st_size > 0
     config = json.loads((runs / "opd_fresh_s0" / "config.json").read_text())
-    assert config["init"] == "" and config["teachers"][-1] == "clean=base"
+    assert config["init"] == "" and [t.split("=")[0] for t in config["teachers"]] == ["count", "text"]
+    assert config["beta_mar"] == 0.5
     again = subprocess.run(["bash", str(REPO / "reproduce_tiny.sh"), str(runs)], capture_output=True, text=True,
                            env=env, timeout=900)
     assert again.returncode == 0 and again.stdout.count("done, skipped") == 17
@@ -46,8 +47,10 @@ def test_recipe_smoke_runs_every_variant(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     results = json.loads((runs / "eval" / "results.json").read_text())
     assert list(results) == ["merge", "count", "text", "old", "velocity", "velocity_anchor_base",
-                             "velocity_clean_teacher", "preset", "preset_clean_at_init", "preset_mar0", "preset_mar0.2", "preset_mar1", "fresh"]
-    old, preset = (json.loads((runs / n / "config.json").read_text()) for n in ("old", "preset"))
+                             "velocity_clean_teacher", "clean_base", "clean_base_lr3e-4", "clean_at_init", "anchor_init",
+                             "preset", "preset_mar0", "preset_mar0.2", "preset_mar1", "fresh"]
+    old, clean_base, preset = (json.loads((runs / n / "config.json").read_text()) for n in ("old", "clean_base", "preset"))
     assert (old["kl_weighting"], preset["kl_weighting"]) == ("flowgrpo", "velocity")
-    assert old["anchor"].endswith("clean") and preset["anchor"] == "" and preset["teachers"][-1] == "clean=base"
+    assert old["anchor"].endswith("clean") and preset["anchor"] == "" and preset["beta_mar"] == 0.5
+    assert clean_base["teachers"][-1] == "clean=base" and len(preset["teachers"]) == 2
     assert (runs / "mar_sweep.png").stat().st_size > 0
