@@ -1,4 +1,5 @@
-"""reproduce_tiny.sh end to end in its smoke mode: every stage runs, resumes skip, eval sees all."""
+"""reproduce_tiny.sh end to end in its smoke mode: every stage runs (two at a time), resumes skip, eval sees
+all."""
 import json
 import os
 import subprocess
@@ -17,8 +18,9 @@ CHECKPOINTS = ["base", "count", "text", "clean", "grpo_mix@s0", "grpo_mix@s1", "
 def test_smoke_chain_then_resume_skips(tmp_path):
     runs = tmp_path / "runs"
     env = {**os.environ, "SMOKE": "1", "SEEDS": "0 1", "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable}
+    # the first invocation two stages at a time (and the eval on two ranks), the second one at a time
     res = subprocess.run(["bash", str(REPO / "reproduce_tiny.sh"), str(runs)], capture_output=True, text=True,
-                         env=env, timeout=900)
+                         env={**env, "JOBS": "2"}, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     results = json.loads((runs / "eval" / "results.json").read_text())
     assert list(results) == CHECKPOINTS
