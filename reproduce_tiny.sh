@@ -54,9 +54,9 @@ stage() {  # stage OUT SCRIPT ARGS...: run SCRIPT --preset tiny ARGS --out OUT u
 }
 
 PIDS=()
-job() {  # job OUT SCRIPT ARGS...: stage(), in the background once fewer than JOBS stages run
+job() {  # job CMD ARGS...: CMD in the background once fewer than JOBS jobs run
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
-    stage "$@" &
+    "$@" &
     PIDS+=($!)
 }
 barrier() {  # wait for every job; stop if one failed (its log says why)
@@ -64,39 +64,45 @@ barrier() {  # wait for every job; stop if one failed (its log says why)
     PIDS=()
 }
 
-# stage 1: the teachers and, once per seed, GRPO-Mix (they need nothing but the base)
-S0=${SEEDS:-0}; S0=${S0%% *}
-for task in count text clean; do
-    job "$R/$task" teacher_grpo.py --reward "$task" "${GRPO[@]}"
-done
-MIX=()
-for seed in ${SEEDS:-0 1 2}; do
-    CURVE=(); [ "$seed" = "$S0" ] || CURVE=("${NOEVAL[@]}")  # the curves plot the first seed
-    job "$R/mix_s$seed" teacher_grpo.py --tasks count,text --shared_reward clean:0.2 --seed "$seed" "${GRPO[@]}" "${CURVE[@]}"
-    MIX+=(--ckpt "grpo_mix@s$seed=$R/mix_s$seed/final")
+# stage 1: the count and text teachers, then the clean teacher beside the cold starts (they need
+# only count and text)
+for task in count text; do
+    job stage "$R/$task" teacher_grpo.py --reward "$task" "${GRPO[@]}"
 done
 barrier
 T="count=$R/count/final text=$R/text/final"
-stage "$R/merge" merge_coldstart.py --teachers $T --method exact
-stage "$R/sft" sft_coldstart.py --teachers $T "${SFT[@]}"
-# OPD as its preset (README, "The OPD recipe"): count and text prompts, the base as MAR anchor at 0.5
+coldstarts() {
+    stage "$R/merge" merge_coldstart.py --teachers $T --method exact
+    stage "$R/sft" sft_coldstart.py --teachers $T "${SFT[@]}"
+}
+job stage "$R/clean" teacher_grpo.py --reward clean "${GRPO[@]}"
+job coldstarts
+wait "${PIDS[-1]}" || exit 1
+
+# stage 2, N at a time, the key rows first: once per seed GRPO-Mix, OPD from the merge and OPD from
+# a fresh student (no cold start); OPD as its preset (README, "The OPD recipe"): count and text
+# prompts, the base as MAR anchor at 0.5. Then the MAR sweep and the other variants.
+S0=${SEEDS:-0}; S0=${S0%% *}
 O="$T"
-# the key rows, once per seed: OPD from the merge and OPD from a fresh student
-MAIN=() FRESH=()
+MIX=() MAIN=() FRESH=()
 for seed in ${SEEDS:-0 1 2}; do
-    CURVE=(); [ "$seed" = "$S0" ] || CURVE=("${NOEVAL[@]}")
-    job "$R/opd_s$seed" opd_distill.py --teachers $O --init "$R/merge/final" --seed "$seed" "${OPD[@]}" "${CURVE[@]}"
-    job "$R/opd_fresh_s$seed" opd_distill.py --teachers $O --init "" --seed "$seed" "${OPD[@]}" "${NOEVAL[@]}"
+    CURVE=(); [ "$seed" = "$S0" ] || CURVE=("${NOEVAL[@]}")  # the curves plot the first seed
+    job stage "$R/mix_s$seed" teacher_grpo.py --tasks count,text --shared_reward clean:0.2 --seed "$seed" \
+        "${GRPO[@]}" "${CURVE[@]}"
+    job stage "$R/opd_s$seed" opd_distill.py --teachers $O --init "$R/merge/final" --seed "$seed" "${OPD[@]}" "${CURVE[@]}"
+    job stage "$R/opd_fresh_s$seed" opd_distill.py --teachers $O --init "" --seed "$seed" "${OPD[@]}" "${NOEVAL[@]}"
+    MIX+=(--ckpt "grpo_mix@s$seed=$R/mix_s$seed/final")
     MAIN+=(--ckpt "opd@s$seed=$R/opd_s$seed/final") FRESH+=(--ckpt "opd_fresh@s$seed=$R/opd_fresh_s$seed/final")
 done
 SWEEP=()
 for b in 0 0.2 1; do
-    job "$R/opd_mar$b" opd_distill.py --teachers $O --init "$R/merge/final" --beta_mar "$b" "${OPD[@]}" "${NOEVAL[@]}"
+    job stage "$R/opd_mar$b" opd_distill.py --teachers $O --init "$R/merge/final" --beta_mar "$b" "${OPD[@]}" "${NOEVAL[@]}"
     SWEEP+=(--ckpt "opd_mar$b=$R/opd_mar$b/final")
 done
-job "$R/opd_anchor_clean" opd_distill.py --teachers $O --init "$R/merge/final" --anchor "$R/clean/final" "${OPD[@]}" "${NOEVAL[@]}"
-job "$R/opd_pg" opd_distill.py --teachers $O --init "$R/merge/final" --loss pg "${OPD[@]}" "${NOEVAL[@]}"
-job "$R/opd_sft" opd_distill.py --teachers $O --init "$R/sft/final" "${OPD[@]}" "${NOEVAL[@]}"
+job stage "$R/opd_anchor_clean" opd_distill.py --teachers $O --init "$R/merge/final" --anchor "$R/clean/final" \
+    "${OPD[@]}" "${NOEVAL[@]}"
+job stage "$R/opd_pg" opd_distill.py --teachers $O --init "$R/merge/final" --loss pg "${OPD[@]}" "${NOEVAL[@]}"
+job stage "$R/opd_sft" opd_distill.py --teachers $O --init "$R/sft/final" "${OPD[@]}" "${NOEVAL[@]}"
 barrier
 
 # with JOBS > 1 the eval runs on JOBS ranks (the same numbers as one process; tests/test_eval.py)
