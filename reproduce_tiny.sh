@@ -76,6 +76,7 @@ coldstarts() {
     stage "$R/sft" sft_coldstart.py --teachers $T "${SFT[@]}"
 }
 job stage "$R/clean" teacher_grpo.py --reward clean "${GRPO[@]}"
+CLEAN=${PIDS[-1]}
 job coldstarts
 wait "${PIDS[-1]}" || exit 1
 
@@ -99,6 +100,7 @@ for b in 0 0.2 1; do
     job stage "$R/opd_mar$b" opd_distill.py --teachers $O --init "$R/merge/final" --beta_mar "$b" "${OPD[@]}" "${NOEVAL[@]}"
     SWEEP+=(--ckpt "opd_mar$b=$R/opd_mar$b/final")
 done
+wait "$CLEAN" || exit 1  # its anchor is the clean teacher, which may still be training
 job stage "$R/opd_anchor_clean" opd_distill.py --teachers $O --init "$R/merge/final" --anchor "$R/clean/final" \
     "${OPD[@]}" "${NOEVAL[@]}"
 job stage "$R/opd_pg" opd_distill.py --teachers $O --init "$R/merge/final" --loss pg "${OPD[@]}" "${NOEVAL[@]}"
