@@ -208,13 +208,17 @@ if "opd" in parts:
 
     grpo = run(teacher_grpo.main, flags({**common, "out": tmp / "grpo", "tasks": "count,text", "updates_per_step": 1,
                                          "beta": 0.04}), tmp / "grpo")
-    inside[0] = 0.0
-    opd = run(opd_distill.main, flags({**common, "out": tmp / "opd", "anchor": teachers["clean"], "beta_mar": 0.04})
-              + ["--teachers", f"count={teachers['count']}", f"text={teachers['text']}"], tmp / "opd")
+    opd = {}
+    for every in (1, opd_distill.DEFAULTS["mar_every"]):  # the anchor KL on every image, then the default
+        inside[0] = 0.0
+        opd[every] = run(opd_distill.main, flags({**common, "out": tmp / f"opd{every}", "anchor": teachers["clean"],
+                                                  "beta_mar": 0.04, "mar_every": every})
+                         + ["--teachers", f"count={teachers['count']}", f"text={teachers['text']}"], tmp / f"opd{every}")
     memory = "peak GPU memory" if torch.cuda.is_available() else "peak RSS growth"
     print(f"\n[opd] model {model}; {args.train_steps} steps each, median of steps 2..{args.train_steps}; "
           f"9 of 10 steps trained in both")
-    for name, (sec, share, peak) in (("GRPO", grpo), ("OPD", opd)):
-        print(f"{name} iteration {sec:.2f}s  inside the transformer (forward + backward) {100 * share:.0f}%  "
-              f"{memory} {peak:.0f} MB")
-    print(f"ratio OPD/GRPO {opd[0] / grpo[0]:.2f}")
+    rows = [("GRPO", grpo)] + [(f"OPD, anchor KL on 1 image in {k}", r) for k, r in opd.items()]
+    for name, (sec, share, peak) in rows:
+        ratio = f"  ratio OPD/GRPO {sec / grpo[0]:.2f}" if name != "GRPO" else ""
+        print(f"{name}: iteration {sec:.2f}s  inside the transformer (forward + backward) {100 * share:.0f}%  "
+              f"{memory} {peak:.0f} MB{ratio}")

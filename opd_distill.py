@@ -19,6 +19,8 @@ then the next state sampled from the detached student velocity:
            + beta_mar * KL(student(x_t) || anchor(x_t))                               (MAR)
 
 with KL the transition KL of sde_sampler.transition_kl: a time-weighted L2 between velocities.
+The MAR term is labelled on every --mar_every-th image of a prompt's group and counted that many
+times: a prompt's images are i.i.d., so the expected loss is the same, for fewer anchor forwards.
 This equals rolling out first and re-running the student on the stored states (tested), with
 one student forward per state fewer, and no step after the last trained one is sampled at all.
 No VAE decode and no reward model run during training; they belong to eval.
@@ -81,6 +83,8 @@ DEFAULTS = dict(
     # AdamW does not mind the scale, --max_grad_norm may).
     kl_weighting="flowgrpo",
     beta_mar=0.04,             # weight of the anchor KL
+    mar_every=2,               # the anchor KL on every 2nd image of a group, counted twice: the same expected
+                               # loss (a prompt's images are i.i.d.) for half the anchor's label forwards
     routing="mixed",           # mixed: every batch mixes tasks | alternate: one task per epoch, in turn
     epochs_per_task="",        # alternate routing: "ocr=1,geneval=3" (default 1 each)
     lr=1e-4,
@@ -150,20 +154,24 @@ def pg_reward(log_prob, lp_teacher, sigma, sigma_next, dims, cfg):
     return (-(log_prob - lp_teacher) * scale.to(log_prob) * dims).detach()
 
 
-def opd_loss(v, x, x_next, sigma, sigma_next, v_teacher, cfg, old_log_prob=None, adv=None, v_anchor=None):
+def opd_loss(v, x, x_next, sigma, sigma_next, v_teacher, cfg, old_log_prob=None, adv=None, v_anchor=None,
+             mar_rows=None):
     """The loss of one trained step for a micro-batch, given the student's velocity v (with
     gradient) at the states x and the labels there. The pg surrogate is added when adv (this
-    step's advantages) is given. Returns (loss, kl, mar) with kl and mar the per-sample KLs to
-    the routed teacher and to the anchor (detached for logging)."""
+    step's advantages) is given. v_anchor: the anchor's velocity at the images mar_rows (None:
+    all), each of which stands for cfg["mar_every"] images of its prompt in the MAR mean.
+    Returns (loss, kl, mar) with kl and mar the per-sample KLs to the routed teacher and to the
+    anchor (detached for logging)."""
     kl = transition_kl(v, v_teacher, sigma, sigma_next, cfg["noise_level"], cfg["kl_weighting"])
     loss = kl.mean() if cfg["loss"] in ("pathwise", "both") else torch.zeros((), device=v.device)
     if adv is not None:
         _, log_prob, _, _ = sde_step(v, x, sigma, sigma_next, cfg["noise_level"], prev_sample=x_next)
         loss = loss + ppo_loss(log_prob, old_log_prob, adv, cfg["clip_range"])[0]
-    mar = torch.zeros_like(kl)
+    mar = torch.zeros(0, device=v.device)
     if v_anchor is not None and cfg["beta_mar"]:
-        mar = transition_kl(v, v_anchor, sigma, sigma_next, cfg["noise_level"], cfg["kl_weighting"])
-        loss = loss + cfg["beta_mar"] * mar.mean()
+        v_mar = v if mar_rows is None else v[mar_rows]
+        mar = transition_kl(v_mar, v_anchor, sigma, sigma_next, cfg["noise_level"], cfg["kl_weighting"])
+        loss = loss + cfg["beta_mar"] * mar.sum() * (1 if mar_rows is None else cfg["mar_every"]) / len(v)
     return loss, kl.detach(), mar.detach()
 
 
@@ -200,24 +208,26 @@ def parse_label_guidance(spec, tasks, default):
 # one OPD step on one micro-batch: rollout, routed labels, MAR, loss and backward in one pass
 
 def distill_micro_batch(policy, prompts, routed, anchor, sigmas, trained_steps, generator, cfg, weight,
-                        label_guidance=None):
+                        label_guidance=None, mar_rows=None):
     """Sample the student's SDE trajectories of `prompts` over the trained steps and accumulate
     weight * (the step losses) into the student's .grad, state by state. routed: each prompt's
-    teacher adapter; anchor: the MAR adapter (BASE for the base). label_guidance: the CFG scale
-    of each label row (the routed teachers', then the anchor's); None: the rollout's. Returns
-    the per-sample KLs to the routed teacher and to the anchor, each (B, trained_steps)."""
+    teacher adapter; anchor: the MAR adapter (BASE for the base); mar_rows: the images that
+    carry the anchor KL (None: all). label_guidance: the CFG scale of each label row (the routed
+    teachers', then the anchor's); None: the rollout's. Returns the per-sample KLs to the routed
+    teacher, (B, trained_steps), and to the anchor, (len(mar_rows), trained_steps)."""
     bs, g = len(prompts), cfg["guidance"]
     cond = encode(policy, prompts)
-    names = routed + [anchor] * bs if cfg["beta_mar"] else routed  # one label forward: teachers, anchor
-    copies = len(names) // bs
+    anchored = (list(range(bs)) if mar_rows is None else list(mar_rows)) if cfg["beta_mar"] else []
+    names = routed + [anchor] * len(anchored)  # one label forward: the routed teachers, then the anchor
+    rows = list(range(bs)) + anchored          # the label rows' images
     g_labels = g if label_guidance is None else torch.tensor(label_guidance[:len(names)], device=policy.device)
-    label_cond = tuple(torch.cat([c] * copies) for c in cond)
+    label_cond = tuple(c[rows] for c in cond)
     x = torch.randn((bs, *policy.latent_shape), generator=generator, device=generator.device).to(policy.device)
     kls, mars, replay = [], [], []
     for j in range(trained_steps):
         s, s_next = sigmas[j].item(), sigmas[j + 1].item()
-        labels = adapter_velocities(policy, torch.cat([x] * copies), s, label_cond, g_labels, names)  # no_grad
-        v_teacher, v_anchor = labels[:bs], (labels[bs:] if cfg["beta_mar"] else None)
+        labels = adapter_velocities(policy, x[rows], s, label_cond, g_labels, names)  # no_grad
+        v_teacher, v_anchor = labels[:bs], (labels[bs:] if anchored else None)
         v = velocity(policy, x, s, cond, g)                                               # the student
         x_next, log_prob, _, _ = sde_step(v.detach(), x, s, s_next, cfg["noise_level"], generator=generator)
         adv = None
@@ -227,7 +237,7 @@ def distill_micro_batch(policy, prompts, routed, anchor, sigmas, trained_steps, 
             if cfg["gamma"]:  # the return needs later rewards: the pg term waits for the second pass
                 replay.append((x, x_next, log_prob, adv))
                 adv = None
-        loss, kl, mar = opd_loss(v, x, x_next, s, s_next, v_teacher, cfg, log_prob, adv, v_anchor)
+        loss, kl, mar = opd_loss(v, x, x_next, s, s_next, v_teacher, cfg, log_prob, adv, v_anchor, mar_rows)
         (loss * weight).backward()
         kls.append(kl)
         mars.append(mar)
@@ -273,6 +283,9 @@ def main(argv=None):
         if images_per_rank % cfg["batch_size"]:
             raise ValueError(f"--batch_size {cfg['batch_size']} does not divide the {images_per_rank} images per rank "
                              f"({prompts_per_rank} prompts x group of {cfg['group_size']})")
+        if cfg["mar_every"] < 1 or cfg["group_size"] % cfg["mar_every"]:
+            raise ValueError(f"--mar_every {cfg['mar_every']} must be >= 1 and divide --group_size "
+                             f"{cfg['group_size']}, so that every prompt's images share the anchor KL alike")
         out = Path(cfg["out"])
         resume_from = common.prepare_out(out, cfg["resume"])
         cfg["model"] = resolve_model(cfg["model"], cfg["preset"])
@@ -314,7 +327,8 @@ def main(argv=None):
         if cfg["teacher_guidance"]:
             print("label guidance: " + ", ".join(f"{k} {v:g}" for k, v in label_g.items())
                   + f" (rollout and student {cfg['guidance']:g})")
-        print(f"teachers {teachers} | anchor {cfg['anchor'] or 'base'} (beta_mar {cfg['beta_mar']}) | "
+        print(f"teachers {teachers} | anchor {cfg['anchor'] or 'base'} (beta_mar {cfg['beta_mar']}, every "
+              f"{cfg['mar_every']} image(s)) | "
               f"init {init or 'fresh LoRA'} | loss {cfg['loss']} | routing {cfg['routing']}")
         print(f"per step: {cfg['prompts_per_step']} prompts x group {cfg['group_size']} = "
               f"{cfg['prompts_per_step'] * cfg['group_size']} images over {world} rank(s); per rank "
@@ -344,10 +358,12 @@ def main(argv=None):
         for m in range(micro):
             idx = torch.arange(m * cfg["batch_size"], (m + 1) * cfg["batch_size"])
             rows_m = [batch_rows[i] for i in idx.tolist()]
-            lg = ([label_g[r["task"]] for r in rows_m] + [label_g["anchor"]] * len(rows_m)
+            mar_rows = [k for k, i in enumerate(idx.tolist()) if i % cfg["mar_every"] == 0]  # i: image of the step
+            lg = ([label_g[r["task"]] for r in rows_m] + [label_g["anchor"]] * len(mar_rows)
                   if cfg["teacher_guidance"] else None)
             kl, mar = distill_micro_batch(policy, [r["prompt"] for r in rows_m], [routes[r["task"]] for r in rows_m],
-                                          anchor, sigmas, trained_steps, gen, cfg, 1 / (micro * trained_steps), lg)
+                                          anchor, sigmas, trained_steps, gen, cfg, 1 / (micro * trained_steps), lg,
+                                          mar_rows)
             kl_cnt[:, 0] += torch.bincount(task_ids[idx], minlength=len(teachers))
             kl_sum += torch.zeros(len(teachers), trained_steps).index_add_(0, task_ids[idx], kl.cpu())
             mar_sum += mar.sum(0).cpu()
@@ -356,7 +372,7 @@ def main(argv=None):
 
         # per task and per trajectory step: the KL to the teacher (it must fall) and the MAR KL
         kl_tab = (common.all_mean(kl_sum) / common.all_mean(kl_cnt).clamp(min=1e-9)).float()
-        mar_tab = common.all_mean(mar_sum).float() / images_per_rank
+        mar_tab = common.all_mean(mar_sum).float() / (images_per_rank // cfg["mar_every"])
         seen = common.all_mean(kl_cnt[:, 0]) > 0
         record = {"step": step, "kl": kl_tab[seen].mean().item(), "mar_kl": mar_tab.mean().item(),
                   "grad_norm": grad_norm, "sec": time.time() - t0,

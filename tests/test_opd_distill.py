@@ -109,10 +109,11 @@ def test_pathwise_is_the_literal_kl_and_pg_is_unbiased_for_it(policy, tmp_path):
     assert 0.7 < ratio < 1.4, ratio  # same scale too: pg is unbiased for the same objective
 
 
-def _two_pass(policy, prompts, routed, anchor, num_steps, trained, seed, cfg, weight):
+def _two_pass(policy, prompts, routed, anchor, num_steps, trained, seed, cfg, weight, mar_weight=None):
     """The OPD step as the code did it before one pass, as the reference: roll out first (no_grad),
     then each adapter's labels at the stored states by its own forward, then the student again
-    with gradient on every trained state. Returns the per-sample KLs (B, trained)."""
+    with gradient on every trained state. mar_weight: each image's weight in the MAR mean (None:
+    1 each), written out here as the reference for --mar_every. Returns the per-sample KLs (B, trained)."""
     out = rollout(policy, prompts, num_steps, cfg["guidance"], 0.7, generator=torch.Generator().manual_seed(seed),
                   sde_steps=trained)
     cond, sig, kls, rewards = encode(policy, prompts), out["sigmas"], [], []
@@ -133,7 +134,10 @@ def _two_pass(policy, prompts, routed, anchor, num_steps, trained, seed, cfg, we
                             x[0].numel(), cfg)
             rewards.append(adv)
         loss, kl, _ = opd_loss(v, x, x_next, s, s_next, v_t, cfg, out["log_probs"][:, j],
-                               None if cfg["gamma"] else adv, v_a)
+                               None if cfg["gamma"] else adv, v_a if mar_weight is None else None)
+        if mar_weight is not None:
+            mar = transition_kl(v, v_a, s, s_next, cfg["noise_level"], cfg["kl_weighting"])
+            loss = loss + cfg["beta_mar"] * (mar_weight * mar).mean()
         (loss * weight).backward()
         kls.append(kl)
     if cfg["gamma"] and rewards:
@@ -146,30 +150,35 @@ def _two_pass(policy, prompts, routed, anchor, num_steps, trained, seed, cfg, we
     return torch.stack(kls, 1)
 
 
-@pytest.mark.parametrize("loss,gamma", [("pathwise", 0.0), ("pg", 0.0), ("both", 0.5)])
-def test_one_pass_gradient_equals_the_two_pass_gradient(policy, tmp_path, loss, gamma):
+@pytest.mark.parametrize("loss,gamma,mar_every", [("pathwise", 0.0, 1), ("pg", 0.0, 1), ("both", 0.5, 1),
+                                                   ("pathwise", 0.0, 2)])
+def test_one_pass_gradient_equals_the_two_pass_gradient(policy, tmp_path, loss, gamma, mar_every):
     """distill_micro_batch (labels and loss at the state just visited, backward before the next
     state) gives the gradient of rolling out first and re-running the student, to float rounding:
-    same seed, same states, routed teachers and a LoRA anchor in one mixed-adapter forward."""
+    same seed, same states, routed teachers and a LoRA anchor in one mixed-adapter forward. With
+    --mar_every 2 the anchor labels only images 0 and 2, each counted twice in the MAR mean."""
     for k, name in enumerate(["count", "text", "anchor"]):
         _lora(policy, tmp_path / name, seed=10 + k, std=0.1)
         load_adapter(policy, tmp_path / name, name)
     params = _lora(policy, tmp_path / "init", seed=20, std=0.05)
-    cfg = {**CFG, "loss": loss, "gamma": gamma, "beta_mar": 0.3, "guidance": 4.5, "kl_weighting": "velocity"}
+    cfg = {**CFG, "loss": loss, "gamma": gamma, "beta_mar": 0.3, "guidance": 4.5, "kl_weighting": "velocity",
+           "mar_every": mar_every}
     prompts = ["a red circle", "two blue squares", 'the text "ab"', "a green triangle"]
     routed = ["count", "count", "text", "count"]
-    grads, kls = {}, {}
+    mar_rows = None if mar_every == 1 else [0, 2]
+    mar_weight = None if mar_every == 1 else torch.tensor([2.0, 0.0, 2.0, 0.0])
+    grads, kls, mars = {}, {}, None
     for way in ("two", "one"):
         for p in params:
             p.grad = None
         if way == "two":
-            kls[way] = _two_pass(policy, prompts, routed, "anchor", 4, 3, 7, cfg, 0.25)
+            kls[way] = _two_pass(policy, prompts, routed, "anchor", 4, 3, 7, cfg, 0.25, mar_weight)
         else:
             sig = sd3_sigmas(policy.pipe.scheduler.config, 4)
-            kls[way] = distill_micro_batch(policy, prompts, routed, "anchor", sig, 3, torch.Generator().manual_seed(7),
-                                           cfg, 0.25)[0]
+            kls[way], mars = distill_micro_batch(policy, prompts, routed, "anchor", sig, 3,
+                                                 torch.Generator().manual_seed(7), cfg, 0.25, mar_rows=mar_rows)
         grads[way] = _grads(params)
-    assert grads["two"].abs().max() > 0
+    assert grads["two"].abs().max() > 0 and mars.shape == (4 if mar_rows is None else 2, 3)
     torch.testing.assert_close(kls["one"], kls["two"], rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(grads["one"], grads["two"], rtol=1e-4, atol=1e-7)
 
@@ -312,6 +321,8 @@ def test_bad_inputs(tiny_pipe_dir, tmp_path):
         opd_distill.main(_args(tiny_pipe_dir, tmp_path / "r", [ok], teacher_guidance="ocr=1"))
     with pytest.raises(SystemExit, match=r"--teacher_guidance 'count=x': the scale must be a number"):
         opd_distill.main(_args(tiny_pipe_dir, tmp_path / "r", [ok], teacher_guidance="count=x"))
+    with pytest.raises(SystemExit, match=r"--mar_every 3 must be >= 1 and divide --group_size 2"):
+        opd_distill.main(_args(tiny_pipe_dir, tmp_path / "r", [ok], mar_every=3))
     with pytest.raises(SystemExit, match="task 'count' has two teachers"):
         opd_distill.main(_args(tiny_pipe_dir, tmp_path / "r", [ok, ok]))
     other_dir = tmp_path / "other_base"
