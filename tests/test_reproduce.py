@@ -31,7 +31,7 @@ def test_smoke_chain_then_resume_skips(tmp_path):
     assert (runs / "curves.png").stat().st_size > 0 and (runs / "mar_sweep.png").stat().st_size > 0
     config = json.loads((runs / "opd_fresh_s0" / "config.json").read_text())
     assert config["init"] == "" and [t.split("=")[0] for t in config["teachers"]] == ["count", "text"]
-    assert config["beta_mar"] == 0.5
+    assert config["beta_mar"] == 0.5 and config["mar_every"] == 1  # as the README's tables were measured
     again = subprocess.run(["bash", str(REPO / "reproduce_tiny.sh"), str(runs)], capture_output=True, text=True,
                            env=env, timeout=900)
     assert again.returncode == 0 and again.stdout.count("done, skipped") == 17
@@ -53,6 +53,6 @@ def test_recipe_smoke_runs_every_variant(tmp_path):
                              "preset", "preset_mar0", "preset_mar0.2", "preset_mar1", "fresh"]
     old, clean_base, preset = (json.loads((runs / n / "config.json").read_text()) for n in ("old", "clean_base", "preset"))
     assert (old["kl_weighting"], preset["kl_weighting"]) == ("flowgrpo", "velocity")
-    assert old["anchor"].endswith("clean") and preset["anchor"] == "" and preset["beta_mar"] == 0.5
+    assert old["anchor"].endswith("clean") and preset["anchor"] == "" and preset["beta_mar"] == 0.5 and preset["mar_every"] == 1
     assert clean_base["teachers"][-1] == "clean=base" and len(preset["teachers"]) == 2
     assert (runs / "mar_sweep.png").stat().st_size > 0
