@@ -327,8 +327,8 @@ def main(argv=None):
         if cfg["teacher_guidance"]:
             print("label guidance: " + ", ".join(f"{k} {v:g}" for k, v in label_g.items())
                   + f" (rollout and student {cfg['guidance']:g})")
-        print(f"teachers {teachers} | anchor {cfg['anchor'] or 'base'} (beta_mar {cfg['beta_mar']}, every "
-              f"{cfg['mar_every']} image(s)) | "
+        print(f"teachers {teachers} | anchor {cfg['anchor'] or 'base'} (beta_mar {cfg['beta_mar']}, on 1 image "
+              f"in {cfg['mar_every']}) | "
               f"init {init or 'fresh LoRA'} | loss {cfg['loss']} | routing {cfg['routing']}")
         print(f"per step: {cfg['prompts_per_step']} prompts x group {cfg['group_size']} = "
               f"{cfg['prompts_per_step'] * cfg['group_size']} images over {world} rank(s); per rank "
