@@ -11,11 +11,12 @@ What the pieces cost, in ratios measured within one run (wall-clock on shared ma
    steps (the same trained steps), guidance and micro-batch; the ratio of their median per-step
    wall time (the first step is warm-up), the share of each step's wall time spent inside the
    transformer's forwards and backwards (the rest is overhead), and the peak memory of each
-   (CUDA: the allocator's peak; CPU: the growth of the process's peak RSS). OPD makes one pass
-   over the trained steps: the routed teachers and the anchor in one forward, the student with
-   gradient, its backward; it needs no decode or reward and samples nothing after the last
-   trained step. GRPO rolls out all steps, decodes and scores, then re-runs the student (and the
-   base, for its KL) with gradient on the trained steps.
+   (CUDA: the allocator's peak; CPU, rougher: the process's peak RSS above its RSS at the run's
+   start, the peak record restarted for each run on Linux). OPD makes one pass over the trained
+   steps: the routed teachers and the anchor in one forward, the student with gradient, its
+   backward; it needs no decode or reward and samples nothing after the last trained step.
+   GRPO rolls out all steps, decodes and scores, then re-runs the student (and the base, for its
+   KL) with gradient on the trained steps.
 3. memory: one base with the student, then 1, 2, 3 LoRA teachers added as adapters, then (the
    control) one full-weight teacher, loaded as opd_distill loads one: its own copy of the transformer.
    Reported as the bytes of all distinct tensor storages held by the models, and as the process's
@@ -86,6 +87,20 @@ def pipeline_modules(policy):
 
 def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def restart_peak_rss():
+    """Start the peak-RSS record again at the current RSS (Linux), so that a training run's peak is
+    its own and not an earlier run's; returns the level its peak counts from, in MB. Elsewhere the
+    record cannot be reset: a run's figure is then only its growth beyond every earlier peak."""
+    if not CLEAR_REFS.exists():
+        return peak_rss_mb()
+    CLEAR_REFS.write_text("5")
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return int(status["VmRSS"].split()[0]) / 1024
 
 
 def random_teachers(tasks=("count", "text", "clean")):
@@ -195,7 +210,7 @@ if "opd" in parts:
         """One training run with the model's time counted; (median step s, share inside the model, peak MB)."""
         forward, backward = SD3Transformer2DModel.forward, torch.Tensor.backward
         SD3Transformer2DModel.forward, torch.Tensor.backward = timed(forward), timed(backward)
-        rss0 = peak_rss_mb()
+        rss0 = restart_peak_rss()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         try:
