@@ -53,6 +53,7 @@ def test_recipe_smoke_runs_every_variant(tmp_path):
                              "preset", "preset_mar0", "preset_mar0.2", "preset_mar1", "fresh"]
     old, clean_base, preset = (json.loads((runs / n / "config.json").read_text()) for n in ("old", "clean_base", "preset"))
     assert (old["kl_weighting"], preset["kl_weighting"]) == ("flowgrpo", "velocity")
-    assert old["anchor"].endswith("clean") and preset["anchor"] == "" and preset["beta_mar"] == 0.5 and preset["mar_every"] == 1
+    assert old["anchor"].endswith("clean") and preset["anchor"] == "" and preset["beta_mar"] == 0.5
+    assert preset["mar_every"] == 1  # as docs/recipe.md's tables were measured
     assert clean_base["teachers"][-1] == "clean=base" and len(preset["teachers"]) == 2
     assert (runs / "mar_sweep.png").stat().st_size > 0
