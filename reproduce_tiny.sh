@@ -115,8 +115,13 @@ RANKS=(); [ "$JOBS" -gt 1 ] && RANKS=(-m torch.distributed.run --standalone --np
     --ckpt "clean=$R/clean/final" "${MIX[@]}" --ckpt "merge=$R/merge/final" --ckpt "sft=$R/sft/final" \
     "${MAIN[@]}" "${FRESH[@]}" "${SWEEP[@]}" --ckpt "opd_anchor_clean=$R/opd_anchor_clean/final" \
     --ckpt "opd_pg=$R/opd_pg/final" --ckpt "opd_from_sft=$R/opd_sft/final" --out "$R/eval" "${EVAL[@]}"
-"$PY" curves.py count="$R/count" text="$R/text" clean="$R/clean" grpo_mix="$R/mix_s$S0" opd="$R/opd_s$S0" \
-    --out "$R/curves.png"
+# a run copied in rather than trained here (the shipped teachers) has no metrics.jsonl: no line
+CURVES=()
+for run in count=count text=text clean=clean grpo_mix="mix_s$S0" opd="opd_s$S0"; do
+    if [ -e "$R/${run#*=}/metrics.jsonl" ]; then CURVES+=("${run%%=*}=$R/${run#*=}")
+    else echo "== curves.png: $R/${run#*=} has no metrics.jsonl (not trained here), left out"; fi
+done
+"$PY" curves.py "${CURVES[@]}" --out "$R/curves.png"
 "$PY" curves.py --results "$R/eval/results.json" --x count,text --y clean opd_mar0 opd_mar0.2 "opd@s$S0" opd_mar1 \
     --out "$R/mar_sweep.png"
 echo "total: $((SECONDS - start)) s this invocation; the stages in $R/times.txt add to" \

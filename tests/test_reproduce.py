@@ -32,9 +32,15 @@ def test_smoke_chain_then_resume_skips(tmp_path):
     config = json.loads((runs / "opd_fresh_s0" / "config.json").read_text())
     assert config["init"] == "" and [t.split("=")[0] for t in config["teachers"]] == ["count", "text"]
     assert config["beta_mar"] == 0.5 and config["mar_every"] == 1  # as the README's tables were measured
+    # a teacher copied in (as the shipped ones are) has no metrics.jsonl: the curves leave it out
+    (runs / "count" / "metrics.jsonl").unlink()
+    (runs / "curves.png").unlink()
     again = subprocess.run(["bash", str(REPO / "reproduce_tiny.sh"), str(runs)], capture_output=True, text=True,
                            env=env, timeout=900)
-    assert again.returncode == 0 and again.stdout.count("done, skipped") == 17
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("done, skipped") == 17
+    assert f"{runs}/count has no metrics.jsonl (not trained here), left out" in again.stdout
+    assert "text has no metrics.jsonl" not in again.stdout and (runs / "curves.png").stat().st_size > 0
     # the second invocation ran no stage, yet reports the stages' time over both
     stages = sum(int(line.split()[-2]) for line in (runs / "times.txt").read_text().splitlines())
     assert f"add to {stages} s over every invocation" in again.stdout

@@ -1,0 +1,92 @@
+"""Every flag that the README, docs/ and the scripts' docstrings give a script is one that script
+takes: a renamed or dropped flag fails here, not on a reader's machine. (The commands themselves
+run, cut short, in each stage's tests.)"""
+import ast
+import functools
+import importlib
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+SCRIPTS = sorted(p.name for p in REPO.glob("*.py"))
+FLAG = r"(?<![\w-])--[a-z][\w-]*"  # a long option as written in prose or a command
+# flags of the launchers in front of our scripts, not of the scripts
+LAUNCHER_FLAGS = {"--nproc_per_node", "--nnodes", "--rdzv_backend", "--rdzv_endpoint", "--rdzv_id", "--standalone"}
+
+
+@functools.cache
+def script_flags(script):
+    """The --flags a repo script accepts: its DEFAULTS (parse_config adds --preset and --resume), or
+    what a plain argparse script's --help lists."""
+    if "common.parse_config(DEFAULTS" in (REPO / script).read_text():
+        module = importlib.import_module(script.removesuffix(".py"))
+        return {f"--{k}" for k in module.DEFAULTS} | {"--preset", "--resume"}
+    if "argparse" not in (REPO / script).read_text():
+        return set()
+    out = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"{script} --help: {out.stderr[-500:]}"
+    return set(re.findall(FLAG, out.stdout))
+
+
+def doc_texts():
+    """(name, text): the README, docs/, and every script's docstring (its launch lines)."""
+    for doc in DOCS:
+        yield doc.name, doc.read_text()
+    for script in SCRIPTS:
+        yield script, ast.get_docstring(ast.parse((REPO / script).read_text())) or ""
+
+
+def command_problems(texts):
+    """(problems, flags checked) for every `python X.py ...` / `torchrun ... X.py ...` line: each
+    --flag after a repo script must be one that script takes."""
+    problems, checked = [], 0
+    for doc, text in texts:
+        for line in text.replace("\\\n", " ").splitlines():
+            for m in re.finditer(r"(?:python|torchrun)\b[^`|#;&]*?\b(\w+\.py)\b([^`|#;&]*)", line):
+                script = m.group(1)
+                if not (REPO / script).is_file():
+                    continue
+                for token in shlex.split(m.group(2)):
+                    flag = token.split("=")[0]
+                    if re.fullmatch(FLAG, flag) and flag not in LAUNCHER_FLAGS:
+                        checked += 1
+                        if flag not in script_flags(script):
+                            problems.append(f"{doc}: `{script} {flag}`: {script} takes no such flag")
+    return problems, checked
+
+
+def inline_problems(texts):
+    """(problems, flags checked) for every --flag in `inline code`: some script must take it."""
+    every = {"--help", *LAUNCHER_FLAGS}.union(*(script_flags(s) for s in SCRIPTS))
+    problems, checked = [], 0
+    for doc, text in texts:
+        for code in re.findall(r"`([^`\n]+)`", text):
+            for flag in re.findall(FLAG, code):
+                checked += 1
+                if flag not in every:
+                    problems.append(f"{doc}: `{code}`: no script takes {flag}")
+    return problems, checked
+
+
+def test_doc_commands_use_flags_their_script_takes():
+    problems, checked = command_problems(doc_texts())
+    assert not problems, "\n".join(problems)
+    assert checked > 100  # the commands were found (a broken pattern would pass vacuously)
+
+
+def test_inline_flags_are_some_scripts_flags():
+    problems, checked = inline_problems(doc_texts())
+    assert not problems, "\n".join(problems)
+    assert checked > 50
+
+
+def test_a_stale_flag_is_caught():
+    """The control: the same checks on a doc with a misspelt flag, in a command and inline."""
+    stale = [("fake.md", "    python opd_distill.py --preset tiny \\\n        --mar_evry 2\n"
+                         "and `--beta_mar 0.5` with `--kl_weigting velocity`")]
+    assert command_problems(stale) == (["fake.md: `opd_distill.py --mar_evry`: opd_distill.py takes no such flag"], 2)
+    assert inline_problems(stale) == (["fake.md: `--kl_weigting velocity`: no script takes --kl_weigting"], 2)
