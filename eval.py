@@ -2,6 +2,7 @@
 Score any set of checkpoints side by side on every task: a table, image grids, per-image details.
 
     python eval.py --preset tiny --ckpt base count=runs/count/final student=runs/opd/final --out runs/eval_tiny
+    python eval.py --preset tiny --ckpt merge=assets/tiny/merge opd=runs/opd/final --vs merge   # the gain, paired
     python eval.py --ckpt base --ckpt ocr=runs/ocr/final --ckpt student=runs/opd/final \\
         --tasks geneval,ocr,pickscore --out runs/eval                                      # SD3.5-Medium
     torchrun --nproc_per_node=8 eval.py --ckpt base ocr=jieliu/SD3.5M-FlowGRPO-Text --num_prompts 100 --out runs/eval
@@ -25,9 +26,14 @@ Images are cached as PNG in --cache_dir (default OUT/cache) under a hash of (che
 base model, prompt, seed, steps, guidance, resolution, dtype, device type): re-scoring with
 another reward, adding a checkpoint, a task or more prompts regenerates nothing already there.
 
-Writes into --out: results.json {checkpoint: {task: {"mean", "strict", "n"}}} ("strict" where
-the reward has a pass/fail; "tags", the same per prompt tag, where a task's prompts have several,
-as GenEval's and the tiny count prompts do), results.md (the tables), grid_<task>.png (rows =
+--vs NAME reports every other checkpoint's change against checkpoint NAME (a student against
+its init), task by task, with the standard error of the per-prompt differences: both sampled
+the same prompts from the same noise, so the images' own noise largely cancels and this error is
+what a gain is judged by (on the tiny world about half the unpaired one).
+
+Writes into --out: results.json {checkpoint: {task: {"mean", "se", "strict", "n"}}} ("strict"
+where the reward has a pass/fail; "tags", the same per prompt tag, where a task's prompts have
+several, as GenEval's and the tiny count prompts do; "vs" {"ckpt", "change", "se"} with --vs), results.md (the tables), grid_<task>.png (rows =
 prompts, columns = checkpoints, each cell's score in its corner), details.jsonl (one line per
 image and task: prompt, tag, seed, score and what the reward read or detected) and config.json.
 """
@@ -69,6 +75,8 @@ DEFAULTS = dict(
     batch_size=8,                    # images per forward pass, per rank
     grid_prompts=6,                  # rows (prompts) in each task's grid
     seed=0,                          # the i-th prompt of every task starts from initial_noise seed + i
+    vs="",                           # a checkpoint's name: every other one's change against it, with the
+                                     # paired standard error (same prompts, same noise)
 )
 PRESETS = {
     "tiny": dict(resolution=tinyworld.SAMPLING["resolution"], t5_tokens=tinyworld.SAMPLING["t5_tokens"],
@@ -157,6 +165,14 @@ def eval_rows(tasks, split, num_prompts, files, seed, images_per_prompt=1):
 # -----------------------------------------------------------------------------
 # outputs
 
+def prompt_scores(records, rows):
+    """{task: {(prompt's task, prompt index): mean score of its images}} from score_images'
+    records: the unit that a paired change between two checkpoints is taken over."""
+    return {task: scoring.prompt_means([{"row": (rows[r["job"]]["task"], rows[r["job"]]["row"]), "score": r["score"]}
+                                        for r in records if r["task"] == task])
+            for task in dict.fromkeys(r["task"] for r in records)}
+
+
 def seed_groups(names):
     """{prefix: [names]} for checkpoints named PREFIX@sN (one run per seed), where a prefix has
     at least two of them."""
@@ -204,6 +220,17 @@ def results_table(results, cfg, n_rows):
                      for v in ([r[k] for r in runs] for k in [*tasks, "average"])]
             lines.append(f"| {prefix} ({len(names)} seeds) | " + " | ".join(cells) + " |")
         lines += ["", "Over seeds: the checkpoints named PREFIX@sN, mean of their task means [min-max]."]
+    vs = [(name, res) for name, res in results.items() if "vs" in res[tasks[0]]]
+    if vs:
+        ref = vs[0][1][tasks[0]]["vs"]["ckpt"]
+        lines += ["", f"Change against `{ref}` on the same prompts and noise, ± its paired standard error over prompts "
+                  "(bold: beyond two standard errors):", "",
+                  "| checkpoint | " + " | ".join(tasks) + " |", "| --- | " + " | ".join("---:" for _ in tasks) + " |"]
+        for name, res in vs:
+            cells = [f"{c['change']:+.3f} ±{c['se']:.3f}" for c in (res[t]["vs"] for t in tasks)]
+            cells = [f"**{cell}**" if abs(res[t]["vs"]["change"]) > 2 * res[t]["vs"]["se"] else cell
+                     for t, cell in zip(tasks, cells)]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Each cell: the task's mean reward (partial credit), ± its standard error over prompts (a "
               "prompt's images averaged first), with its strict pass rate in parentheses "
               "where the task has one (GenEval's accuracy, exact OCR match); best mean in bold. "
@@ -246,6 +273,8 @@ def main(argv=None):
             raise ValueError(f"--images_per_prompt must be at least 1, got {cfg['images_per_prompt']}")
         rows, plan = eval_rows(tasks, cfg["split"], cfg["num_prompts"], files, cfg["seed"], cfg["images_per_prompt"])
         ckpts = parse_checkpoints(cfg["ckpt"])
+        if cfg["vs"] and cfg["vs"] not in ckpts:
+            raise ValueError(f"--vs {cfg['vs']!r} is not one of this eval's checkpoints ({', '.join(ckpts)})")
         fingerprints = {}
         for name, source in ckpts.items():
             try:
@@ -297,7 +326,7 @@ def main(argv=None):
               f"rank(s); {cfg['eval_steps']} ODE steps, guidance {cfg['guidance']}, {policy.resolution} px")
         common.write_json(out / "config.json", {**cfg, "fingerprints": fingerprints, "model_fingerprint": model_id})
 
-    results, details, grids = {}, [], {t: {} for t in tasks}
+    results, details, grids, per_prompt = {}, [], {t: {} for t in tasks}, {}
     for name, adapter in adapters.items():
         images, generated = scoring.sample_images(policy, rows, cfg["eval_steps"], cfg["guidance"], cfg["batch_size"],
                                                  adapter, cache=paths[name], desc=name if master else None)
@@ -309,6 +338,7 @@ def main(argv=None):
         records = sorted((r for p in parts for r in p[0]), key=lambda r: (tasks.index(r["task"]), r["job"]))
         shown = {i: im for p in parts for i, im in p[1].items()}
         results[name] = scoring.summarise(records, rows)
+        per_prompt[name] = prompt_scores(records, rows)
         by_key = {(r["task"], r["job"]): r["score"] for r in records}
         for t in tasks:
             grids[t][name] = [(shown[i], by_key[(t, i)]) for i in grid_rows[t]]
@@ -329,6 +359,10 @@ def main(argv=None):
                    + ", ".join(f"{t} {s['mean']:.3f} +-{s['se']:.3f}" for t, s in results[name].items()))
 
     if master:
+        for name in results if cfg["vs"] else []:  # the same prompts and noise: the images' noise cancels
+            for t in tasks if name != cfg["vs"] else []:
+                change, se = scoring.paired_change(per_prompt[name][t], per_prompt[cfg["vs"]][t])
+                results[name][t]["vs"] = {"ckpt": cfg["vs"], "change": change, "se": se}
         common.write_json(out / "results.json", results)
         table = results_table(results, cfg, {t: len(plan[t]) // k for t in tasks})
         (out / "results.md").write_text(table)

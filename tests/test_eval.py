@@ -184,6 +184,31 @@ def test_images_per_prompt_extends_one_image_per_prompt(first_run, tiny_pipe_dir
         evaluation.main(_args(tiny_pipe_dir, tmp_path / "x", "base", images_per_prompt=0))
 
 
+def test_vs_reports_the_paired_change_and_its_standard_error(first_run, tiny_pipe_dir, lora_dir, tmp_path, capsys):
+    """--vs base: the LoRA's change against the base per task, the mean of per-prompt differences
+    (here one image per prompt) with their standard error, from the cached images."""
+    out = tmp_path / "vs"
+    evaluation.main(_args(tiny_pipe_dir, out, "base", f"lora={lora_dir}", vs="base", cache_dir=first_run[0] / "cache"))
+    assert "lora: generated 0 images" in capsys.readouterr().out
+    results, details = _outputs(out)
+    rows = [json.loads(line) for line in details]
+    for t in TASKS:
+        assert "vs" not in results["base"][t]
+        vs = results["lora"][t]["vs"]
+        score = {(r["checkpoint"], r["prompt"]): r["score"] for r in rows if r["task"] == t}
+        d = torch.tensor([score[("lora", p)] - score[("base", p)] for c, p in score if c == "base"])
+        assert len(d) == NUM_PROMPTS and vs["ckpt"] == "base"
+        assert vs["change"] == pytest.approx(results["lora"][t]["mean"] - results["base"][t]["mean"])
+        assert vs["se"] == pytest.approx((d.std() / len(d) ** 0.5).item())
+    table = (out / "results.md").read_text()
+    cells = [f"{results['lora'][t]['vs']['change']:+.3f} ±{results['lora'][t]['vs']['se']:.3f}" for t in TASKS]
+    assert "Change against `base` on the same prompts and noise" in table
+    assert re.search(r"\| lora \| " + r" \| ".join(r"(\*\*)?" + re.escape(c) + r"(\*\*)?" for c in cells) + r" \|", table)
+    with pytest.raises(SystemExit, match="--vs 'nope' is not one of this eval's checkpoints \\(base, lora\\)"):
+        evaluation.main(_args(tiny_pipe_dir, tmp_path / "x", "base", f"lora={lora_dir}", vs="nope"))
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("ckpt,message", [
     ("student=/no/such/lora", r"--ckpt student: /no/such/lora: LoRA checkpoint not found"),
     ("base=/x", "the name 'base' is reserved"),
