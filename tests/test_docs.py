@@ -33,11 +33,12 @@ def script_flags(script):
 
 
 def doc_texts():
-    """(name, text): the README, docs/, and every script's docstring (its launch lines)."""
-    for doc in DOCS:
-        yield doc.name, doc.read_text()
-    for script in SCRIPTS:
-        yield script, ast.get_docstring(ast.parse((REPO / script).read_text())) or ""
+    """(name, text): the README, docs/, and every script's docstring (its launch lines), with an
+    `inline command` that wraps over lines joined into one line, as markdown shows it."""
+    texts = [(doc.name, doc.read_text()) for doc in DOCS]
+    texts += [(script, ast.get_docstring(ast.parse((REPO / script).read_text())) or "") for script in SCRIPTS]
+    for name, text in texts:
+        yield name, re.sub(r"`[^`]+`", lambda m: m.group(0).replace("\n", " "), text)
 
 
 def command_problems(texts):
