@@ -269,6 +269,12 @@ def test_runs_over_seeds_are_summarised_as_mean_and_range():
     table = evaluation.results_table(res, cfg, {"count": 2, "text": 2})
     assert "| opd (2 seeds) | 0.300 [0.200-0.400] | 0.500 [0.400-0.600] | 0.400 [0.400-0.400] |" in table
     assert "base (" not in table
+    for name, change in (("opd@s0", 0.1), ("opd@s1", 0.3)):  # --vs base: the seeds' paired changes too
+        res[name]["count"]["vs"] = {"ckpt": "base", "change": change, "se": 0.04}
+        res[name]["text"]["vs"] = {"ckpt": "base", "change": -change, "se": 0.2}
+    table = evaluation.results_table(res, cfg, {"count": 2, "text": 2})
+    assert "| opd@s0 | **+0.100 ±0.040** | -0.100 ±0.200 |" in table and "| opd@s1 | **+0.300 ±0.040** |" in table
+    assert "| opd (2 seeds), mean [min, max] | +0.200 [+0.100, +0.300] | -0.200 [-0.300, -0.100] |" in table
     # a model folder under the working directory is named relative to it (results.md is shipped), others as given
     assert table.startswith("# Eval: m\n")
     inside = dict(cfg, model=str(Path.cwd() / "assets" / "tiny" / "base"))
