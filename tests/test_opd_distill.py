@@ -370,7 +370,8 @@ def test_torchrun_two_ranks(tiny_pipe_dir, tmp_path):
 def test_quickstart_preset_runs_on_shipped_assets(tmp_path):
     """The README quickstart (`opd_distill.py --preset tiny`) on the shipped base and teachers,
     cut to one step: routing, both teachers, the anchor, a saved final LoRA; then the README's
-    eval command of its result, as written there, cut to 2 prompts, 2 ODE steps and 1 image."""
+    eval commands of its result and of three seeds, as written there, cut to 2 prompts, 2 ODE
+    steps and 1 image."""
     import re
     import shlex
     import eval as evaluation
@@ -388,3 +389,12 @@ def test_quickstart_preset_runs_on_shipped_assets(tmp_path):
     evaluation.main(args + ["--num_prompts", "2", "--eval_steps", "2", "--images_per_prompt", "1"])
     results = json.loads((tmp_path / "eval_opd" / "results.json").read_text())
     assert list(results) == ["merge", "count", "text", "opd"] and set(results["opd"]) >= {"count", "text"}
+    assert set(results["opd"]["count"]["vs"]) == {"ckpt", "change", "se"}  # --vs merge, as written there
+    # the three seeds' command, each seed's folder standing in for the one run here
+    line = re.search(r"^ +(python eval\.py --preset tiny --ckpt merge=assets/tiny/merge --ckpt opd@s0=.*)$",
+                     readme, re.M).group(1)
+    args = [re.sub(r"runs/opd(_s\d)?/final", str(out / "final"), a) for a in shlex.split(line)[2:]]
+    args[args.index("--out") + 1] = str(tmp_path / "eval_seeds")
+    evaluation.main(args + ["--num_prompts", "2", "--eval_steps", "2", "--images_per_prompt", "1"])
+    table = (tmp_path / "eval_seeds" / "results.md").read_text()
+    assert "| opd (3 seeds) |" in table and "| opd (3 seeds), mean [min, max] |" in table
