@@ -34,9 +34,10 @@ and this error is what a gain is judged by (the tiny quickstart's student agains
 
 Writes into --out: results.json {checkpoint: {task: {"mean", "se", "strict", "n"}}} ("strict"
 where the reward has a pass/fail; "tags", the same per prompt tag, where a task's prompts have
-several, as GenEval's and the tiny count prompts do; "vs" {"ckpt", "change", "se"} with --vs), results.md (the tables), grid_<task>.png (rows =
-prompts, columns = checkpoints, each cell's score in its corner), details.jsonl (one line per
-image and task: prompt, tag, seed, score and what the reward read or detected) and config.json.
+several, as GenEval's and the tiny count prompts do; "vs" {"ckpt", "change", "se"} with --vs),
+results.md (the tables), grid_<task>.png (rows = prompts, columns = checkpoints, each cell's
+score in its corner), details.jsonl (one line per image and task: prompt, tag, seed, score and
+what the reward read or detected) and config.json.
 """
 
 import hashlib
