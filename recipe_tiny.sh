@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Why the old tiny OPD recipe added nothing, one cause at a time: OPD runs from the shipped merge
 # and teachers (assets/tiny), each changing one thing, then eval.py at 4 images per prompt on all
-# of them beside the merge init and the teachers, and the MAR trade-off plot.
+# of them beside the merge init and the teachers (with each run's paired change against the merge,
+# --vs merge), and the MAR trade-off plot.
 #
 #     bash recipe_tiny.sh [RUNS_DIR]                # default runs/recipe; run it again to resume
 #     SMOKE=1 bash recipe_tiny.sh /tmp/recipe       # every run cut to one step (tests/test_reproduce.py)
@@ -48,6 +49,6 @@ run preset --teachers $T2
 for b in 0 0.2 1; do run "preset_mar$b" --teachers $T2 --beta_mar "$b"; done
 run fresh --teachers $T2 --init ""
 "$PY" eval.py --preset tiny --ckpt merge=$A/merge --ckpt count=$A/count --ckpt text=$A/text "${CKPTS[@]}" \
-    --out "$R/eval" "${EVAL[@]}"
+    --vs merge --out "$R/eval" "${EVAL[@]}"
 "$PY" curves.py --results "$R/eval/results.json" --x count,text --y clean preset_mar0 velocity_anchor_base preset_mar0.2 preset preset_mar1 \
     --out "$R/mar_sweep.png"

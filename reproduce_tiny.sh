@@ -9,9 +9,10 @@
 # teachers (count, text, clean) -> merge and SFT cold starts -> GRPO-Mix, OPD from the merge and
 # OPD from a fresh student (no cold start), once per seed -> the MAR sweep (beta_mar 0, 0.2, 1;
 # 0.5 is the preset), OPD with the clean teacher as anchor, with --loss pg, from the SFT init ->
-# eval.py on all (the seeded rows also as mean [min-max]) -> curves.py: every task's test score
-# against training step for the teachers, GRPO-Mix and OPD, and the MAR trade-off (clean against
-# the mean of count and text, one point per beta_mar).
+# eval.py on all (the seeded rows also as mean [min-max]; each row's paired change against the
+# merge, --vs merge) -> curves.py: every task's test score against training step for the
+# teachers, GRPO-Mix and OPD, and the MAR trade-off (clean against the mean of count and text, one
+# point per beta_mar).
 # With JOBS=N, independent stages run N at a time (OMP_NUM_THREADS = cores / N each, logs in OUT.log
 # only): on 2 cores, two 1-thread stages do about 15% more work per hour than one 2-thread stage,
 # and the weights are the same (CPU results do not depend on the thread count here).
@@ -114,7 +115,8 @@ RANKS=(); [ "$JOBS" -gt 1 ] && RANKS=(-m torch.distributed.run --standalone --np
 "$PY" "${RANKS[@]}" eval.py --preset tiny --ckpt base --ckpt "count=$R/count/final" --ckpt "text=$R/text/final" \
     --ckpt "clean=$R/clean/final" "${MIX[@]}" --ckpt "merge=$R/merge/final" --ckpt "sft=$R/sft/final" \
     "${MAIN[@]}" "${FRESH[@]}" "${SWEEP[@]}" --ckpt "opd_anchor_clean=$R/opd_anchor_clean/final" \
-    --ckpt "opd_pg=$R/opd_pg/final" --ckpt "opd_from_sft=$R/opd_sft/final" --out "$R/eval" "${EVAL[@]}"
+    --ckpt "opd_pg=$R/opd_pg/final" --ckpt "opd_from_sft=$R/opd_sft/final" --vs merge --out "$R/eval" \
+    "${EVAL[@]}"
 # a run copied in rather than trained here (the shipped teachers) has no metrics.jsonl: no line
 CURVES=()
 for run in count=count text=text clean=clean grpo_mix="mix_s$S0" opd="opd_s$S0"; do

@@ -28,6 +28,7 @@ def test_smoke_chain_then_resume_skips(tmp_path):
     assert "total:" in res.stdout
     table = (runs / "eval" / "results.md").read_text()
     assert "| grpo_mix (2 seeds) |" in table and "| opd (2 seeds) |" in table and "| opd_fresh (2 seeds) |" in table
+    assert results["opd@s0"]["count"]["vs"]["ckpt"] == "merge" and "| opd (2 seeds), mean [min, max] |" in table
     assert (runs / "curves.png").stat().st_size > 0 and (runs / "mar_sweep.png").stat().st_size > 0
     config = json.loads((runs / "opd_fresh_s0" / "config.json").read_text())
     assert config["init"] == "" and [t.split("=")[0] for t in config["teachers"]] == ["count", "text"]
@@ -63,3 +64,4 @@ def test_recipe_smoke_runs_every_variant(tmp_path):
     assert preset["mar_every"] == 1  # as docs/recipe.md's tables were measured
     assert clean_base["teachers"][-1] == "clean=base" and len(preset["teachers"]) == 2
     assert (runs / "mar_sweep.png").stat().st_size > 0
+    assert results["preset"]["clean"]["vs"]["ckpt"] == "merge" and "vs" not in results["merge"]["clean"]
