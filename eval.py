@@ -366,10 +366,12 @@ def main(argv=None):
                    + ", ".join(f"{t} {s['mean']:.3f} +-{s['se']:.3f}" for t, s in results[name].items()))
 
     if master:
-        for name in results if cfg["vs"] else []:  # the same prompts and noise: the images' noise cancels
-            for t in tasks if name != cfg["vs"] else []:
-                change, se = scoring.paired_change(per_prompt[name][t], per_prompt[cfg["vs"]][t])
-                results[name][t]["vs"] = {"ckpt": cfg["vs"], "change": change, "se": se}
+        if cfg["vs"]:  # the same prompts and noise: the noise the two share cancels out of the change
+            ref = per_prompt[cfg["vs"]]
+            for name in (n for n in results if n != cfg["vs"]):
+                for t in tasks:
+                    change, se = scoring.paired_change(per_prompt[name][t], ref[t])
+                    results[name][t]["vs"] = {"ckpt": cfg["vs"], "change": change, "se": se}
         common.write_json(out / "results.json", results)
         table = results_table(results, cfg, {t: len(plan[t]) // k for t in tasks})
         (out / "results.md").write_text(table)
