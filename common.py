@@ -7,6 +7,7 @@ metrics (metrics.jsonl, optionally W&B). Sampling and scoring test prompts is sc
 import argparse
 import collections
 import importlib.util
+import hashlib
 import json
 import os
 import re
@@ -23,9 +24,17 @@ import torch.distributed as dist
 # config: the defaults block of a script, then --preset, then explicit flags
 
 
+def _boolean(text):
+    """true/1/yes or false/0/no; anything else is argparse's one-line error naming the flag."""
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a boolean; use true or false")
+    return value
+
+
 def _flag_type(default):
     if isinstance(default, bool):
-        return lambda s: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[s.lower()]
+        return _boolean
     if isinstance(default, (int, float)):
         return type(default)
     return str
@@ -98,12 +107,22 @@ def parse_prompt_files(specs, tasks):
     return files
 
 
+def stream_seed(purpose, seed, step=0, rank=0):
+    """The seed of one random stream, a function of (purpose, seed, step, rank) alone, mixed by
+    a cryptographic hash (blake2b). A linear formula such as seed * A + step * B + rank repeats
+    itself: with B ranks or more, rank r + B at step s would draw what rank r draws at step s + 1.
+    Hashed, 1,024 ranks x 200 steps x 3 seeds give 614,400 distinct streams per purpose (tested),
+    and a purpose ("prompts", "noise", ...) never shares its stream with another."""
+    digest = hashlib.blake2b(f"{purpose}/{seed}/{step}/{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # 63 bits: any torch or numpy generator takes them
+
+
 def sample_rows(rows, n, seed, step, rank, balance_tags=False):
     """n training rows for this step and rank, drawn with replacement from a generator seeded by
     (seed, step, rank): a resumed run redraws exactly what the uninterrupted one would have.
     balance_tags draws every task equally often, and within a task every metadata "tag",
     whatever their numbers of prompts."""
-    g = torch.Generator().manual_seed(seed * 7_919 + step * 31 + rank)
+    g = torch.Generator().manual_seed(stream_seed("prompts", seed, step, rank))
     if not balance_tags:
         return [rows[i] for i in torch.randint(len(rows), (n,), generator=g).tolist()]
     keys = [(r.get("task"), r.get("metadata", {}).get("tag")) for r in rows]
@@ -113,9 +132,10 @@ def sample_rows(rows, n, seed, step, rank, balance_tags=False):
     return [rows[i] for i in torch.multinomial(weights, n, replacement=True, generator=g).tolist()]
 
 
-def step_generator(device, seed, step, rank):
-    """The noise of this step's rollouts, a function of (seed, step, rank) alone."""
-    return torch.Generator(device).manual_seed(seed * 1_000_003 + step * 1_009 + rank)
+def step_generator(device, seed, step, rank, purpose="noise"):
+    """The noise of this step's rollouts (or another stream: purpose), a function of (seed, step,
+    rank) alone."""
+    return torch.Generator(device).manual_seed(stream_seed(purpose, seed, step, rank))
 
 
 # -----------------------------------------------------------------------------
@@ -185,19 +205,24 @@ def sync_grads(params):
         i += g.numel()
 
 
-def check_in_sync(params):
-    """Every rank must hold the same weights after an optimizer step; a silent divergence (a
-    missed all-reduce, a rank-dependent branch) would otherwise only show up as bad results.
-    Raises if any rank's weights differ from rank 0's at all."""
-    if not dist.is_initialized():
+def check_in_sync(params, when, frozen=()):
+    """Every rank must hold the same weights: at the start (a rank that loaded another --init or
+    teacher), after every checkpoint and at the end (a missed all-reduce, a rank-dependent
+    branch), so that a divergence stops the run within save_every steps instead of showing up
+    as bad results. params are compared exactly; the frozen modules (the base, the teachers) by
+    one float64 sum per tensor, which is cheap and still tells a different file apart. Raises,
+    naming `when`, if any rank differs from rank 0."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
         return
-    flat = _comm(torch.cat([p.detach().float().reshape(-1) for p in params]))
+    sums = [t.detach().double().sum().float().reshape(1) for m in frozen for t in m.state_dict().values()]
+    flat = _comm(torch.cat([p.detach().float().reshape(-1) for p in params] + sums))
     ref = flat.clone()
     dist.broadcast(ref, 0)
     diff = (flat - ref).abs().max()
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     if diff.item() != 0:
-        raise RuntimeError(f"ranks hold different weights (max |diff| {diff.item():.3e})")
+        raise RuntimeError(f"ranks hold different weights {when} (max |diff| {diff.item():.3e}): every rank must "
+                           "start from the same files and apply the same updates")
 
 
 def barrier():
@@ -265,14 +290,19 @@ def prepare_out(out, resume):
     return found[-1] if (resume and found) else None
 
 
-def save_checkpoint(policy, out, step, state, config, keep=2):
-    """Write out/checkpoint-{step}: the student's LoRA (a diffusers folder), config.json and
-    training_state.pt, all under a temporary name first so a crash never leaves a corrupt one.
-    Older checkpoints beyond `keep` are deleted afterwards."""
+def save_checkpoint(policy, params, out, step, state, config, ema=None, keep=2):
+    """Write out/checkpoint-{step}: the student's LoRA (a diffusers folder) as final/ would hold
+    it at this step (the EMA, when the run keeps one), so eval.py on a checkpoint scores what
+    final/ would have been, and a killed run leaves an EMA model; config.json; and
+    training_state.pt with the live weights, the optimizer and the EMA, from which --resume
+    continues. All under a temporary name first, so a crash never leaves a corrupt one. Older
+    checkpoints beyond `keep` are deleted afterwards."""
     from lora import save_adapter
     folder = Path(out) / f"checkpoint-{step:06d}"
-    save_adapter(policy, policy.student, folder, extra_files={"config.json": config},
-                 extra_state={"training_state.pt": state})
+    state = {**state, "live": [p.detach().to("cpu", copy=True) for p in params]}  # copies: the EMA goes into params
+    with ema_weights(ema, params) if ema is not None else nullcontext():
+        save_adapter(policy, policy.student, folder, extra_files={"config.json": config},
+                     extra_state={"training_state.pt": state})
     for old in checkpoints(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return folder
@@ -301,9 +331,11 @@ def after_step(policy, params, optimizer, ema, eval_rows, config, out, step):
         from scoring import eval_and_log
         eval_and_log(policy, ema, params, eval_rows, config, out, step)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    if rank0 and (step % config["save_every"] == 0 or step == config["max_steps"]):
-        save_checkpoint(policy, out, step, {"step": step, "optimizer": optimizer.state_dict(),
-                                            "ema": [e.cpu() for e in ema]}, config)
+    if step % config["save_every"] == 0 or step == config["max_steps"]:
+        check_in_sync(params, f"at step {step}")
+        if rank0:
+            save_checkpoint(policy, params, out, step, {"step": step, "optimizer": optimizer.state_dict(),
+                                                        "ema": [e.cpu() for e in ema]}, config, ema)
     barrier()
 
 
@@ -311,7 +343,7 @@ def finish_run(policy, params, out, config, ema=None):
     """The end of a training run: check the ranks agree, then rank 0 writes out/final/ (with
     the EMA weights when there is an EMA, as Flow-GRPO ships them) and closes the W&B run."""
     global _wandb
-    check_in_sync(params)
+    check_in_sync(params, "at the end")
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if rank0:
         if world() > 1:
@@ -326,11 +358,15 @@ def finish_run(policy, params, out, config, ema=None):
     cleanup_dist()
 
 
-def load_training_state(folder):
-    """A checkpoint's optimizer/EMA/step state. Rank 0 also cuts the run's metrics.jsonl back to
-    the checkpoint's step: the steps logged after it (by a run that was killed) are about to be
-    run, and logged, again."""
+def load_training_state(folder, params):
+    """A checkpoint's optimizer/EMA/step state, with its live weights put into params (the
+    folder's LoRA, which add_student loaded, is the EMA). Rank 0 also cuts the run's
+    metrics.jsonl back to the checkpoint's step: the steps logged after it (by a run that was
+    killed) are about to be run, and logged, again."""
     state = torch.load(Path(folder) / "training_state.pt", map_location="cpu", weights_only=True)
+    with torch.no_grad():
+        for p, live in zip(params, state.get("live", [])):  # older checkpoints held the live weights in the folder
+            p.copy_(live)
     metrics = Path(folder).parent / "metrics.jsonl"
     if metrics.exists() and (not dist.is_initialized() or dist.get_rank() == 0):
         lines = metrics.read_text().splitlines(keepends=True)

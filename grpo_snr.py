@@ -90,11 +90,11 @@ def main(argv=None):
         policy.transformer.eval()
         traj = rollout_batches(policy, prompts, cfg["batch_size"], num_steps=cfg["num_steps"], guidance=cfg["guidance"], noise_level=cfg["noise_level"],
                                generator=gen, sde_steps=trained_steps)
-        scores = reward(decode(policy, traj["latents"]), prompts, metadata)[0].float().cpu()
+        scores = reward(decode(policy, traj["latents"], cfg["batch_size"]), prompts, metadata)[0].float().cpu()
         adv = group_advantages(scores, groups, cfg["global_std"], cfg["adv_clip"])
         policy.transformer.train()
         grads.append(gradient(traj, adv.to(device)))
-        shuffled = shuffle_within_groups(adv, groups, torch.Generator().manual_seed(cfg["seed"] + k))
+        shuffled = shuffle_within_groups(adv, groups, common.step_generator("cpu", cfg["seed"], k, 0, "control"))
         controls.append(gradient(traj, shuffled.to(device)))
         means.append(scores.mean().item())
         spreads.append(torch.stack([scores[groups == g].std() for g in groups.unique()]).mean().item())

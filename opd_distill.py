@@ -28,7 +28,10 @@ No VAE decode and no reward model run during training; they belong to eval.
 Why "pathwise": the authors' code builds an advantage -KL(student || teacher) per step but does
 not detach it, so what trains is grad KL. The LLM-style estimator (--loss pg) instead uses the
 sampled action's log-ratio as a detached per-step reward through the clipped surrogate; it has
-the same expected gradient (checked in the tests) and more variance. --loss both adds the two.
+the same expected gradient (checked in the tests) and more variance. With one update per
+rollout the old log-prob comes from the same forward, so the ratio is exactly 1 and
+--clip_range never acts: pg is REINFORCE with a per-step reward and no baseline (a per-group
+baseline would cut its variance; not done here). --loss both adds the two.
 With --gamma 0 each step's reward is known at that step, so pg stays one pass; with --gamma > 0
 the returns-to-go need the later steps' rewards, so the pg term takes a second pass over the
 stored states of the micro-batch (the student is unchanged in between).
@@ -72,6 +75,7 @@ DEFAULTS = dict(
     prompts_per_step=16,       # prompts per optimizer step over all ranks
     balance_tags=False,        # draw every task, and every tag within it, equally often
     batch_size=8,              # images per forward, per rank
+    gradient_checkpointing=False,  # recompute activations in the backward: ~1/3 more compute, less memory
     timestep_fraction=0.99,    # train the first int(num_steps * 0.99) steps
     loss="pathwise",           # pathwise | pg | both
     gamma=0.0,                 # pg only: discount of the returns-to-go (0: each step its own KL)
@@ -238,7 +242,8 @@ def distill_micro_batch(policy, prompts, routed, anchor, sigmas, trained_steps, 
                 replay.append((x, x_next, log_prob, adv))
                 adv = None
         loss, kl, mar = opd_loss(v, x, x_next, s, s_next, v_teacher, cfg, log_prob, adv, v_anchor, mar_rows)
-        (loss * weight).backward()
+        if loss.requires_grad:  # pg with gamma > 0 and no anchor rows here: nothing to train until the second pass
+            (loss * weight).backward()
         kls.append(kl)
         mars.append(mar)
         x = x_next
@@ -304,6 +309,8 @@ def main(argv=None):
             anchor = load_teacher(policy, cfg["anchor"], "anchor", cfg["teacher_rank"])
         init = resume_from or cfg["init"] or None
         params = add_student(policy, rank=cfg["lora_rank"], alpha=cfg["lora_alpha"], init=init)
+    if cfg["gradient_checkpointing"]:
+        policy.transformer.enable_gradient_checkpointing()
     micro = images_per_rank // cfg["batch_size"]
     trained_steps = int(cfg["num_steps"] * cfg["timestep_fraction"])
     sigmas = sd3_sigmas(policy.pipe.scheduler.config, cfg["num_steps"])
@@ -313,10 +320,11 @@ def main(argv=None):
     ema = common.ema_init(params)
     step = 0
     if resume_from is not None:
-        state = common.load_training_state(resume_from)
+        state = common.load_training_state(resume_from, params)
         optimizer.load_state_dict(state["optimizer"])
         ema = [e.to(device) for e in state["ema"]]
         step = state["step"]
+    common.check_in_sync(params, f"at the start (step {step})", frozen=[policy.transformer, *policy.full.values()])
     if master:
         out.mkdir(parents=True, exist_ok=True)
         common.write_json(out / "config.json", cfg)

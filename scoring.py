@@ -100,7 +100,7 @@ def sample_images(policy, jobs, num_steps, guidance, batch_size, adapter=None, c
             x = initial_noise(policy, [jobs[i]["seed"] for i in padded])
             out = rollout(policy, [jobs[i]["prompt"] for i in padded], num_steps, guidance, 0.0, latents=x,
                           adapter=adapter)
-            for i, im in zip(batch, decode(policy, out["latents"])):
+            for i, im in zip(batch, decode(policy, out["latents"], batch_size)):
                 images[i] = im
                 if cache:
                     save_png(im, cache[i])

@@ -334,16 +334,20 @@ def velocity(policy, x, sigma, cond, guidance, transformer=None):
 
 
 @torch.no_grad()
-def decode(policy, latents):
-    """Latents -> list of PIL images. Without a VAE the latents are pixels in [-1, 1]."""
-    vae = policy.pipe.vae
-    if vae is None:
-        images = latents.float()
-    else:
-        z = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        images = vae.decode(z, return_dict=False)[0].float()
-    images = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-    return [Image.fromarray(a) for a in images.permute(0, 2, 3, 1).cpu().numpy()]
+def decode(policy, latents, batch_size=8):
+    """Latents -> list of PIL images, batch_size latents per VAE call: the decoder's activations
+    grow with its batch (at 512 px a GRPO rank's whole rollout, 96 to 256 latents, would take tens
+    of GB at once). Without a VAE the latents are pixels in [-1, 1]."""
+    vae, out = policy.pipe.vae, []
+    for chunk in latents.split(batch_size):
+        if vae is None:
+            images = chunk.float()
+        else:
+            z = chunk.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+            images = vae.decode(z, return_dict=False)[0].float()
+        images = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        out += [Image.fromarray(a) for a in images.permute(0, 2, 3, 1).cpu().numpy()]
+    return out
 
 
 def initial_noise(policy, seeds):

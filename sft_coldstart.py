@@ -43,6 +43,7 @@ DEFAULTS = dict(
     sample_steps=40,          # ODE steps per teacher sample (the eval setting: the teachers' best images)
     guidance=4.5,             # CFG when sampling the teachers and in the student's training forward
     batch_size=8,             # samples per forward pass, per rank (sampling and training)
+    gradient_checkpointing=False,  # recompute activations in the backward: ~1/3 more compute, less memory
     lr=1e-4,
     weight_decay=1e-4,
     max_grad_norm=1.0,
@@ -86,8 +87,8 @@ def sample_key(cfg):
 
 def teacher_samples(policy, cfg, names, rows, rank, world, cache):
     """ODE samples (latents) of every teacher on its own task's train prompts, this rank's share.
-    Each sample has its own seed (seed + its global index), so the set does not depend on the batch
-    size; it is cached in --out, keyed by everything that changes it."""
+    Each sample has its own noise stream (of --seed and its global index), so the set does not
+    depend on the batch size or the number of ranks; it is cached in --out, keyed by everything that changes it."""
     key = sample_key(cfg)
     if cache.exists():
         saved = torch.load(cache, map_location="cpu", weights_only=True)
@@ -108,7 +109,7 @@ def teacher_samples(policy, cfg, names, rows, rank, world, cache):
         for j in range(0, len(idx), cfg["batch_size"]):
             chunk = idx[j:j + cfg["batch_size"]]
             batch = [plan[i][1] for i in chunk]
-            x = initial_noise(policy, [cfg["seed"] + i for i in chunk])
+            x = initial_noise(policy, [common.stream_seed("sample", cfg["seed"], i) for i in chunk])
             latents.append(rollout(policy, batch, cfg["sample_steps"], cfg["guidance"], 0.0, latents=x,
                                    adapter=n)["latents"].float().cpu())
             prompts += batch
@@ -166,14 +167,17 @@ def main(argv=None):
         params = add_student(policy, init=resume_from)
     else:
         params = add_student(policy, rank=cfg["lora_rank"], alpha=cfg["lora_alpha"])
+    if cfg["gradient_checkpointing"]:
+        policy.transformer.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     step = 0
     if resume_from is not None:
-        state = common.load_training_state(resume_from)
+        state = common.load_training_state(resume_from, params)
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
         if master:
             print(f"resumed from {resume_from} at step {step}")
+    common.check_in_sync(params, f"at the start (step {step})", frozen=[policy.transformer, *policy.full.values()])
     if master:
         print(f"sft: {len(names)} teachers x {cfg['samples_per_task']} ODE samples ({cfg['sample_steps']} steps, "
               f"guidance {cfg['guidance']}) over {world} rank(s); then {cfg['max_steps']} steps x {cfg['batch_size']} "
@@ -198,7 +202,7 @@ def main(argv=None):
     # the probe: the loss on fixed samples (spread over the tasks), noise and sigmas, so that its
     # curve shows learning rather than the sampling noise of the training batches
     n_probe = min(cfg["probe_samples"], len(prompts))
-    probe = fm_batch(len(prompts), n_probe, shape, torch.Generator().manual_seed(cfg["seed"] + 7), cfg["logit_mean"],
+    probe = fm_batch(len(prompts), n_probe, shape, common.step_generator("cpu", cfg["seed"], 0, 0, "probe"), cfg["logit_mean"],
                      cfg["logit_std"], idx=torch.linspace(0, len(prompts) - 1, n_probe).long())
 
     @torch.no_grad()
@@ -235,8 +239,11 @@ def main(argv=None):
             bar.update(1)
         if (cfg["probe_every"] and step % cfg["probe_every"] == 0) or step == cfg["max_steps"]:
             log_probe(step)
-        if master and (step % cfg["save_every"] == 0 or step == cfg["max_steps"]):
-            common.save_checkpoint(policy, out, step, {"step": step, "optimizer": optimizer.state_dict()}, cfg)
+        if step % cfg["save_every"] == 0 or step == cfg["max_steps"]:
+            common.check_in_sync(params, f"at step {step}")
+            if master:
+                common.save_checkpoint(policy, params, out, step, {"step": step, "optimizer": optimizer.state_dict()},
+                                       cfg)
         common.barrier()
     bar.close()
     common.finish_run(policy, params, out, cfg)  # final/, "done", and the process group closed

@@ -52,6 +52,7 @@ DEFAULTS = dict(
     prompts_per_step=48,      # prompts per step over all ranks (48 x 16 = 768 images)
     balance_tags=False,       # draw every task, and every tag within it, equally often (authors: uniform)
     batch_size=8,             # images per forward pass, per rank (the micro-batch)
+    gradient_checkpointing=False,  # recompute activations in the backward: ~1/3 more compute, less memory
     updates_per_step=2,       # optimizer updates per batch of rollouts (later ones are off-policy)
     timestep_fraction=0.99,   # train the first int(num_steps * 0.99) = 9 of 10 steps
     clip_range=1e-4,          # PPO ratio clip
@@ -164,16 +165,19 @@ def main(argv=None):
         params = add_student(policy, init=resume_from)
     else:
         params = add_student(policy, rank=cfg["lora_rank"], alpha=cfg["lora_alpha"])
+    if cfg["gradient_checkpointing"]:
+        policy.transformer.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     ema = common.ema_init(params)
     step = 0
     if resume_from is not None:
-        state = common.load_training_state(resume_from)
+        state = common.load_training_state(resume_from, params)
         optimizer.load_state_dict(state["optimizer"])
         ema = [e.to(device) for e in state["ema"]]
         step = state["step"]
         if master:
             print(f"resumed from {resume_from} at step {step}")
+    common.check_in_sync(params, f"at the start (step {step})", frozen=[policy.transformer])
 
     if cfg["eval_every"] and step == 0:
         scoring.eval_and_log(policy, ema, params, eval_rows, cfg, out, 0)
@@ -192,7 +196,7 @@ def main(argv=None):
                                generator=gen, sde_steps=trained_steps)
 
         # rewards: each image by its own task's reward (+ the shared one), then group advantages
-        images = decode(policy, traj["latents"])
+        images = decode(policy, traj["latents"], cfg["batch_size"])
         scores = torch.zeros(images_per_rank)
         for t in tasks:
             idx = [i for i, r in enumerate(batch_rows) if r["task"] == t]
@@ -210,7 +214,7 @@ def main(argv=None):
 
         # training: PPO on the per-step log-prob ratio + beta * KL to the base, over trained steps
         policy.transformer.train()
-        order = torch.randperm(images_per_rank, generator=torch.Generator().manual_seed(cfg["seed"] + step))
+        order = torch.randperm(images_per_rank, generator=common.step_generator("cpu", cfg["seed"], step, rank, "shuffle"))
         per_update = micro // cfg["updates_per_step"]
         stats = {"policy_loss": 0.0, "kl": 0.0, "clipfrac": 0.0}
         for u in range(cfg["updates_per_step"]):

@@ -3,6 +3,7 @@ import json
 
 import torch
 
+import common
 import sft_coldstart
 from prompts import load_prompts
 from sde_sampler import initial_noise, rollout
@@ -24,10 +25,10 @@ def test_sft_samples_the_routed_teachers_and_learns_them(policy, tiny_pipe_dir, 
     _sft(tiny_pipe_dir, out, args)
     cache = out / "sft_samples.0-of-1.pt"
     samples = torch.load(cache, weights_only=True)
-    # each task's train prompts sampled (ODE) by that task's teacher, one seed per sample (seed + index)
+    # each task's train prompts sampled (ODE) by that task's teacher, one noise stream per sample
     for i, task in enumerate(["count", "count", "text", "text"]):
         assert samples["prompts"][i] in [r["prompt"] for r in load_prompts(task, "train")]
-        x = initial_noise(policy, [i])
+        x = initial_noise(policy, [common.stream_seed("sample", 0, i)])
         want = rollout(policy, [samples["prompts"][i]], 2, 1.0, 0.0, latents=x, adapter=task)["latents"]
         assert (samples["latents"][i] - want[0]).abs().max() < 1e-4
     assert (out / "final" / "pytorch_lora_weights.safetensors").exists() and (out / "checkpoint-000006").exists()
@@ -52,7 +53,7 @@ def test_sft_samples_a_full_weight_teacher_through_its_own_copy(tiny_pipe_dir, t
     _sft(tiny_pipe_dir, out, [f"count={tmp_path / 'count.safetensors'}", f"text={teachers[1]}"], max_steps=1)
     samples = torch.load(out / "sft_samples.0-of-1.pt", weights_only=True)
     for i in range(2):  # the count samples
-        want = rollout(truth, [samples["prompts"][i]], 2, 1.0, 0.0, latents=initial_noise(truth, [i]))["latents"]
+        want = rollout(truth, [samples["prompts"][i]], 2, 1.0, 0.0, latents=initial_noise(truth, [common.stream_seed("sample", 0, i)]))["latents"]
         assert (samples["latents"][i] - want[0]).abs().max() < 1e-4
 
 
