@@ -215,7 +215,7 @@ def load_adapter(policy, source, name, trainable=False, lora=None):
     state, kwargs = lora or read_lora(source)
     tr = policy.transformer
     check_lora_fits(tr, state, source)
-    if getattr(tr, "_hf_peft_config_loaded", False) and name in tr.peft_config:
+    if name in (getattr(tr, "peft_config", None) or {}):
         raise ValueError(f"{source}: an adapter named {name!r} is already loaded")
     _add_adapter(tr, LoraConfig(**kwargs), name)
     result = set_peft_model_state_dict(tr, state, adapter_name=name)

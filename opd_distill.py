@@ -219,20 +219,23 @@ def distill_micro_batch(policy, prompts, routed, anchor, sigmas, trained_steps, 
     carry the anchor KL (None: all). label_guidance: the CFG scale of each label row (the routed
     teachers', then the anchor's); None: the rollout's. Returns the per-sample KLs to the routed
     teacher, (B, trained_steps), and to the anchor, (len(mar_rows), trained_steps)."""
-    bs, g = len(prompts), cfg["guidance"]
+    bs, guidance = len(prompts), cfg["guidance"]
     cond = encode(policy, prompts)
     anchored = (list(range(bs)) if mar_rows is None else list(mar_rows)) if cfg["beta_mar"] else []
     names = routed + [anchor] * len(anchored)  # one label forward: the routed teachers, then the anchor
     rows = list(range(bs)) + anchored          # the label rows' images
-    g_labels = g if label_guidance is None else torch.tensor(label_guidance[:len(names)], device=policy.device)
+    if label_guidance is None:
+        label_guidance = guidance
+    else:
+        label_guidance = torch.tensor(label_guidance[:len(names)], device=policy.device)
     label_cond = tuple(c[rows] for c in cond)
     x = torch.randn((bs, *policy.latent_shape), generator=generator, device=generator.device).to(policy.device)
     kls, mars, replay = [], [], []
     for j in range(trained_steps):
         s, s_next = sigmas[j].item(), sigmas[j + 1].item()
-        labels = adapter_velocities(policy, x[rows], s, label_cond, g_labels, names)  # no_grad
+        labels = adapter_velocities(policy, x[rows], s, label_cond, label_guidance, names)  # no_grad
         v_teacher, v_anchor = labels[:bs], (labels[bs:] if anchored else None)
-        v = velocity(policy, x, s, cond, g)                                               # the student
+        v = velocity(policy, x, s, cond, guidance)                                        # the student
         x_next, log_prob, _, _ = sde_step(v.detach(), x, s, s_next, cfg["noise_level"], generator=generator)
         adv = None
         if cfg["loss"] != "pathwise":
@@ -251,7 +254,7 @@ def distill_micro_batch(policy, prompts, routed, anchor, sigmas, trained_steps, 
         returns = returns_to_go(torch.stack([adv for *_, adv in replay], 1), cfg["gamma"])
         for j, (x, x_next, old_log_prob, _) in enumerate(replay):
             s, s_next = sigmas[j].item(), sigmas[j + 1].item()
-            v = velocity(policy, x, s, cond, g)
+            v = velocity(policy, x, s, cond, guidance)
             log_prob = sde_step(v, x, s, s_next, cfg["noise_level"], prev_sample=x_next)[1]
             (ppo_loss(log_prob, old_log_prob, returns[:, j], cfg["clip_range"])[0] * weight).backward()
     return torch.stack(kls, 1), torch.stack(mars, 1)
@@ -274,7 +277,7 @@ def main(argv=None):
         epochs = {t: float(e) for t, _, e in (s.partition("=") for s in cfg["epochs_per_task"].split(",") if s)}
         if set(epochs) - set(teachers):
             raise ValueError(f"--epochs_per_task names tasks without a teacher: {sorted(set(epochs) - set(teachers))}")
-        label_g = parse_label_guidance(cfg["teacher_guidance"], list(teachers), cfg["guidance"])
+        label_guidance = parse_label_guidance(cfg["teacher_guidance"], list(teachers), cfg["guidance"])
         files = common.parse_prompt_files(cfg["prompts"], list(teachers))
         train_rows = {t: load_prompts(t, "train", files.get(t)) for t in teachers}
         eval_tasks = [t for t in (cfg["eval_tasks"].split(",") if cfg["eval_tasks"] else teachers) if t]
@@ -333,7 +336,7 @@ def main(argv=None):
         for note in filter(None, map(held_out_note, files.values())):
             print(note)
         if cfg["teacher_guidance"]:
-            print("label guidance: " + ", ".join(f"{k} {v:g}" for k, v in label_g.items())
+            print("label guidance: " + ", ".join(f"{k} {v:g}" for k, v in label_guidance.items())
                   + f" (rollout and student {cfg['guidance']:g})")
         print(f"teachers {teachers} | anchor {cfg['anchor'] or 'base'} (beta_mar {cfg['beta_mar']}, on 1 image "
               f"in {cfg['mar_every']}) | "
@@ -367,11 +370,11 @@ def main(argv=None):
             idx = torch.arange(m * cfg["batch_size"], (m + 1) * cfg["batch_size"])
             rows_m = [batch_rows[i] for i in idx.tolist()]
             mar_rows = [k for k, i in enumerate(idx.tolist()) if i % cfg["mar_every"] == 0]  # i: image of the step
-            lg = ([label_g[r["task"]] for r in rows_m] + [label_g["anchor"]] * len(mar_rows)
-                  if cfg["teacher_guidance"] else None)
+            row_guidance = ([label_guidance[r["task"]] for r in rows_m] + [label_guidance["anchor"]] * len(mar_rows)
+                            if cfg["teacher_guidance"] else None)
             kl, mar = distill_micro_batch(policy, [r["prompt"] for r in rows_m], [routes[r["task"]] for r in rows_m],
-                                          anchor, sigmas, trained_steps, gen, cfg, 1 / (micro * trained_steps), lg,
-                                          mar_rows)
+                                          anchor, sigmas, trained_steps, gen, cfg, 1 / (micro * trained_steps),
+                                          row_guidance, mar_rows)
             kl_cnt[:, 0] += torch.bincount(task_ids[idx], minlength=len(teachers))
             kl_sum += torch.zeros(len(teachers), trained_steps).index_add_(0, task_ids[idx], kl.cpu())
             mar_sum += mar.sum(0).cpu()

@@ -374,15 +374,16 @@ def using_adapter(policy, name):
     peft's set_adapter flips requires_grad, so the student must be re-activated afterwards or
     a later backward gives it no gradient."""
     tr = policy.transformer
+    loaded = bool(getattr(tr, "peft_config", None))  # diffusers sets it with the first adapter
     if name == BASE:
-        if getattr(tr, "_hf_peft_config_loaded", False):
+        if loaded:
             tr.disable_adapters()
     else:
         tr.set_adapter(name)
     try:
         yield
     finally:
-        if name == BASE and getattr(tr, "_hf_peft_config_loaded", False):
+        if name == BASE and loaded:
             tr.enable_adapters()
         if policy.student is not None:
             tr.set_adapter(policy.student)

@@ -192,6 +192,8 @@ def main(argv=None):
     # sampling and opd_distill.py use (distilled velocities are guided ones), so its flow-matching
     # minimiser reproduces the teachers' sample distribution under the same guidance. Training the
     # conditional velocity alone would fit guided samples and then be guided once more at sampling.
+    # The price: the gradient reaches the unconditional half scaled by (1 - w), -3.5 at w = 4.5, so
+    # that half moves against the error and 3.5x as hard; the guided sum is what is fit, not each half.
     def loss_on(idx, eps, s):
         x0 = latents[idx].to(device)
         eps = eps.to(device)

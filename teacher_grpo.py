@@ -216,7 +216,7 @@ def main(argv=None):
         policy.transformer.train()
         order = torch.randperm(images_per_rank, generator=common.step_generator("cpu", cfg["seed"], step, rank, "shuffle"))
         per_update = micro // cfg["updates_per_step"]
-        stats = {"policy_loss": 0.0, "kl": 0.0, "clipfrac": 0.0}
+        stats = {"policy_loss": 0.0, "kl": 0.0, "clipfrac": 0.0}  # summed as tensors: no .item() wait per step
         for u in range(cfg["updates_per_step"]):
             for m in range(per_update):
                 idx = order[(u * per_update + m) * cfg["batch_size"]:(u * per_update + m + 1) * cfg["batch_size"]]
@@ -226,9 +226,9 @@ def main(argv=None):
                     loss, kl, clipfrac = step_loss(policy, traj, idx, j, adv[idx], cond, cfg)
                     ((loss + cfg["beta"] * kl) / (per_update * trained_steps)).backward()
                     n = cfg["updates_per_step"] * per_update * trained_steps
-                    stats["policy_loss"] += loss.item() / n
-                    stats["kl"] += kl.item() / n
-                    stats["clipfrac"] += clipfrac.item() / n
+                    stats["policy_loss"] += loss.detach() / n
+                    stats["kl"] += kl.detach() / n
+                    stats["clipfrac"] += clipfrac.detach() / n
             grad_norm = common.optimizer_update(params, optimizer, ema, cfg)
         step += 1
 
