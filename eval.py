@@ -33,8 +33,10 @@ and this error is what a gain is judged by (the tiny quickstart's student agains
 0.014-0.022 a task, where each score alone has 0.023-0.031).
 
 Writes into --out: results.json {checkpoint: {task: {"mean", "se", "strict", "n"}}} ("strict"
-where the reward has a pass/fail; "tags", the same per prompt tag, where a task's prompts have
-several, as GenEval's and the tiny count prompts do; "vs" {"ckpt", "change", "se"} with --vs),
+where the reward has a pass/fail, for GenEval its official overall, the mean of the per-tag
+pass rates, with "strict_pooled" the rate over all images; "tags", the same per prompt tag,
+where a task's prompts have several, as GenEval's and the tiny count prompts do; "failed", the
+images the OCR engine failed on, scored 0; "vs" {"ckpt", "change", "se"} with --vs),
 results.md (the tables), grid_<task>.png (rows = prompts, columns = checkpoints, each cell's
 score in its corner), details.jsonl (one line per image and task: prompt, tag, seed, score and
 what the reward read or detected) and config.json.
@@ -240,8 +242,12 @@ def results_table(results, cfg, n_rows):
                 lines.append(f"| {prefix} ({len(names)} seeds), mean [min, max] | " + " | ".join(cells) + " |")
     lines += ["", "Each cell: the task's mean reward (partial credit), ± its standard error over prompts (a "
               "prompt's images averaged first), with its strict pass rate in parentheses "
-              "where the task has one (GenEval's accuracy, exact OCR match); best mean in bold. "
+              "where the task has one (exact OCR match; for GenEval its overall score, the mean of its "
+              "per-tag accuracies as GenEval's summary_scores.py reports it, per tag below); best mean in bold. "
               "pickscore is PickScore / 26. average: the mean of the task means.", ""]
+    failed = [f"{name} {t} {res[t]['failed']}" for name, res in results.items() for t in tasks if res[t].get("failed")]
+    if failed:
+        lines += ["Images the OCR engine failed on, scored 0 (checkpoint, task, images): " + ", ".join(failed) + ".", ""]
     for t in tasks:
         tags = list(dict.fromkeys(tag for r in results.values() for tag in r[t].get("tags", {})))
         if not tags:

@@ -5,8 +5,12 @@ Rewards: every reward is one function with one signature,
 
 images: a list of PIL images, or a uint8 tensor (B, 3, H, W) or (B, H, W, 3);
 prompts: list[str]; metadata: list[dict], one per image (None for rewards that ignore it);
-scores: float32 tensor (B,) in [0, 1]; info: one dict per image (what was read or
-detected, and "strict": the pass/fail an evaluation counts).
+scores: float32 tensor (B,), in [0, 1] except `geneval`, which keeps the reward server's
+negative scores for many extra objects; info: one dict per image (what was read or detected,
+and "strict": the pass/fail an evaluation counts).
+
+`ocr`, `geneval` and `pickscore` score as Flow-GRPO's training code does (its OCR scorer, the
+GenEval reward server it calls, its PickScore scorer); docs/reference.md lists what still differs.
 
     from rewards import get_reward, parse_reward_spec
     scores, info = get_reward("ocr")(images, prompts, metadata)
@@ -17,6 +21,7 @@ DEVICE (set_device changes it, e.g. to each rank's GPU under torchrun).
 """
 
 import re
+import warnings
 
 import numpy as np
 import torch
@@ -26,11 +31,18 @@ from rapidfuzz.distance import Levenshtein
 # -----------------------------------------------------------------------------
 # defaults
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# OCR: RapidOCR's bundled PP-OCR models; any of its config keys can be overridden here.
-# Detection runs at the image's own size up to 960 px (PaddleOCR's default, which Flow-GRPO
-# used) instead of RapidOCR's upscaling to 736 px, which costs 2x at 512 px for nothing.
-OCR_PARAMS = {"Global.log_level": "critical",  # RapidOCR logs every call at "info"
-              "Det.limit_type": "max", "Det.limit_side_len": 960}
+# OCR: RapidOCR with the models its wheel ships (offline), set like Flow-GRPO's PaddleOCR 2.9
+# (lang="en", use_angle_cls=False, otherwise PaddleOCR's defaults) where RapidOCR has the knob;
+# any RapidOCR config key can be overridden here.
+OCR_PARAMS = {"Global.log_level": "critical",       # RapidOCR logs every call at "info"
+              "Global.use_cls": False,              # Flow-GRPO: no angle classifier
+              # PaddleOCR has neither RapidOCR's resize to [30, 2000] px nor its padding of flat images
+              "Global.use_preprocess_img": False, "Global.use_vertical_padding": False,
+              # PaddleOCR's detector defaults: the image's own size up to 960 px (RapidOCR upscales
+              # to 736 px, 2x the cost at 512 px), box threshold 0.6, unclip 1.5, no dilation
+              "Det.limit_type": "max", "Det.limit_side_len": 960,
+              "Det.box_thresh": 0.6, "Det.unclip_ratio": 1.5, "Det.use_dilation": False}
+OCR_LINE_PX = 10  # PaddleOCR's sorted_boxes: boxes whose tops are closer than this read left to right
 # GenEval: detector, colour classifier and the constants of GenEval's evaluate_images.py
 GENEVAL_DETECTOR_ID = "facebook/mask2former-swin-small-coco-instance"
 GENEVAL_CLIP_ID = "openai/clip-vit-large-patch14"
@@ -41,7 +53,7 @@ GENEVAL_POSITION_THRESHOLD = 0.1  # dead zone, as a fraction of the two boxes' s
 GENEVAL_CROP_BACKGROUND = "#999"  # what replaces the pixels outside an object's mask
 COLORS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white"]
 RELATIONS = ["left of", "right of", "above", "below"]
-# PickScore: the CLIP-H processor and the PickScore_v1 weights
+# PickScore: the CLIP-H processor and the PickScore_v1 weights, run in float32 as Flow-GRPO does
 PICKSCORE_PROCESSOR_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 PICKSCORE_MODEL_ID = "yuvalkirstain/PickScore_v1"
 PICKSCORE_SCALE = 26.0            # reward = PickScore / 26, as Flow-GRPO does
@@ -111,23 +123,34 @@ def _embeddings(out):
 
 
 def quoted_text(prompt):
-    """The first quoted span of a prompt, or None. Double quotes (straight or curly) win over
-    single ones, and a straight single quote only opens a span at a word boundary, so that
-    apostrophes (don't, shop's) are not read as quotes."""
-    for patterns in ([r'"([^"]+)"', r"“([^”]+)”"], [r"‘([^’]+)’", r"(?<!\w)'([^']+)'(?!\w)"]):
-        found = [m for m in (re.search(p, prompt) for p in patterns) if m and m.group(1).strip()]
+    """The text an OCR prompt asks for, or None.
+
+    Flow-GRPO's rule wherever the prompt has a straight double quote: the text after the first
+    one, up to the next or, when the quote is never closed, to the end (its
+    `prompt.split('"')[1]`). Beyond Flow-GRPO, which stops with an IndexError on a prompt without
+    one: the first span in curly double quotes, else in single quotes (a straight one only opens
+    at a word boundary, so that apostrophes in don't or shop's are not quotes). None when there is
+    no such span or it is empty once spaces are removed (Flow-GRPO would divide by zero)."""
+    if '"' in prompt:
+        text = prompt.split('"')[1]
+        return text if normalize_text(text) else None
+    for patterns in ([r"“([^”]+)”"], [r"‘([^’]+)’", r"(?<!\w)'([^']+)'(?!\w)"]):
+        found = [m for m in (re.search(p, prompt) for p in patterns) if m and normalize_text(m.group(1))]
         if found:
             return min(found, key=lambda m: m.start()).group(1)
     return None
 
 
 def normalize_text(text):
-    return "".join(text.lower().split())
+    """Lower case without spaces, as Flow-GRPO compares texts. Only the space character goes: a
+    tab or a newline stays and costs an edit, as it does there."""
+    return text.replace(" ", "").lower()
 
 
 def text_similarity(read, target):
-    """1 - min(d, n) / n with d the edit distance between the normalised texts and n the target's
-    length; full credit when the target occurs anywhere in what was read."""
+    """Flow-GRPO's OCR score, 1 - min(d, n) / n, with d the edit distance between the normalised
+    texts and n the normalised target's length; full credit when the target occurs anywhere in
+    what was read."""
     read, target = normalize_text(read), normalize_text(target)
     if target in read:
         return 1.0
@@ -135,19 +158,21 @@ def text_similarity(read, target):
     return 1.0 - min(Levenshtein.distance(read, target), n) / n
 
 
-def reading_order(boxes):
-    """Indices of (x0, y0, x1, y1) boxes top-to-bottom, then left-to-right within a line.
-    A box joins the current line when its vertical centre falls inside the line's extent,
-    so small vertical jitter between words of one line does not reorder them."""
-    order = sorted(range(len(boxes)), key=lambda i: (boxes[i][1] + boxes[i][3]) / 2)
-    lines = []
-    for i in order:
-        cy = (boxes[i][1] + boxes[i][3]) / 2
-        if lines and lines[-1]["y0"] <= cy <= lines[-1]["y1"]:
-            lines[-1]["items"].append(i)
-        else:
-            lines.append({"y0": boxes[i][1], "y1": boxes[i][3], "items": [i]})
-    return [i for line in lines for i in sorted(line["items"], key=lambda i: boxes[i][0])]
+def paddle_order(corners):
+    """Indices of text boxes in PaddleOCR's reading order (its sorted_boxes, the order of the
+    texts that Flow-GRPO joins), from each box's first corner (x, y), the top-left of a detected
+    quad. The rule: sort by (y, x); then take each box in turn and move it left past its
+    predecessors while the two tops are less than OCR_LINE_PX apart and it lies further left,
+    stopping at the first predecessor where that fails. So a line is only read left to right when
+    its words' tops agree within 10 px; a taller word whose top sits higher is read first."""
+    order = sorted(range(len(corners)), key=lambda i: (corners[i][1], corners[i][0]))
+    for i in range(len(order) - 1):
+        for j in range(i, -1, -1):
+            (xa, ya), (xb, yb) = corners[order[j]][:2], corners[order[j + 1]][:2]
+            if not (abs(yb - ya) < OCR_LINE_PX and xb < xa):
+                break
+            order[j], order[j + 1] = order[j + 1], order[j]
+    return order
 
 
 def _load_ocr():
@@ -156,27 +181,40 @@ def _load_ocr():
 
 
 def read_text(engine, image):
-    """All text RapidOCR finds in a PIL image, boxes joined in reading order."""
-    out = engine(image)
+    """All text the OCR engine finds in a PIL image, as Flow-GRPO reads it: the boxes' texts in
+    PaddleOCR's order, joined with no separator. The engine gets the RGB array as it is, which
+    RapidOCR, like PaddleOCR (handed np.array(image) by Flow-GRPO), takes for BGR."""
+    out = engine(np.asarray(image))
     if not out.txts:
         return ""
-    quads = np.asarray(out.boxes)  # (N, 4, 2) corner points
-    boxes = [(q[:, 0].min(), q[:, 1].min(), q[:, 0].max(), q[:, 1].max()) for q in quads]
-    return " ".join(out.txts[i] for i in reading_order(boxes))
+    corners = [quad[0] for quad in np.asarray(out.boxes)]  # (N, 4, 2) corner points, top-left first
+    return "".join(out.txts[i] for i in paddle_order(corners))
 
 
 def ocr_reward(images, prompts, metadata=None):
-    """How well the image spells the prompt's first quoted span (RapidOCR, CPU, offline)."""
-    engine = _models("ocr", _load_ocr)
-    scores, info = [], []
-    for image, prompt in zip(to_pil(images), prompts):
-        target = quoted_text(prompt)
+    """Flow-GRPO's OCR reward: text_similarity between read_text's reading of the image and the
+    prompt's quoted_text (RapidOCR on the CPU, offline). An image the engine fails on scores 0,
+    as in Flow-GRPO, with a warning and info "failed": True (eval.py counts them): one bad image
+    must not stop a multi-GPU run. A prompt without quoted text raises before any image is read:
+    that is bad data, not a bad image (prompts.py rejects such a line when it reads the file)."""
+    targets = [quoted_text(p) for p in prompts]
+    for prompt, target in zip(prompts, targets):
         if target is None:
             raise ValueError(f"ocr reward: no quoted text in prompt {prompt!r}")
-        read = read_text(engine, image)
+    engine = _models("ocr", _load_ocr)
+    scores, info = [], []
+    for i, (image, target) in enumerate(zip(to_pil(images), targets)):
+        try:
+            read = read_text(engine, image)
+        except Exception as e:  # whatever the engine raises on an image it cannot handle
+            warnings.warn(f"ocr reward: the OCR engine failed on image {i} of the batch, scored 0 "
+                          f"({first_line(e)})", RuntimeWarning, stacklevel=2)
+            scores.append(0.0)
+            info.append({"target": target, "read": "", "strict": False, "failed": True, "error": first_line(e)})
+            continue
         score = text_similarity(read, target)
         scores.append(score)
-        info.append({"target": target, "read": read, "strict": score == 1.0})
+        info.append({"target": target, "read": read, "strict": score == 1.0, "failed": False})
     return torch.tensor(scores, dtype=torch.float32), info
 
 # -----------------------------------------------------------------------------
@@ -199,66 +237,130 @@ def relative_position(box_a, box_b):
 
 
 def keep_objects(detections, tag):
-    """GenEval's selection: detections above the threshold (stricter for counting prompts),
-    grouped by class, most confident first, at most MAX_OBJECTS per class."""
+    """GenEval's selection: per class, the detections in GenEval's order of confidence, those
+    above the threshold (stricter for counting prompts), at most MAX_OBJECTS. The order is
+    GenEval's own call, np.argsort(scores)[::-1] over the class's scores in the detector's order,
+    so that of two equal scores the later detection comes first, as there."""
     threshold = GENEVAL_COUNT_THRESHOLD if tag == "counting" else GENEVAL_THRESHOLD
+    by_class = {}
+    for det in detections:
+        by_class.setdefault(det["class"], []).append(det)
     objects = {}
-    for det in sorted(detections, key=lambda d: -d["score"]):
-        group = objects.setdefault(det["class"], [])
-        if det["score"] > threshold and len(group) < GENEVAL_MAX_OBJECTS:
-            group.append(det)
-    return {c: group for c, group in objects.items() if group}
+    for cls, dets in by_class.items():
+        order = np.argsort(np.asarray([d["score"] for d in dets], np.float32))[::-1]  # float32, as mmdet's scores
+        kept = [dets[i] for i in order if dets[i]["score"] > threshold][:GENEVAL_MAX_OBJECTS]
+        if kept:
+            objects[cls] = kept
+    return objects
 
 
-def geneval_rules(objects, metadata):
-    """Score kept objects ({class: [{"box", "score", "color"?}, ...]}, most confident first)
-    against GenEval metadata. Returns (partial, strict, reasons).
-
-    strict is GenEval's pass/fail: every include clause needs `count` objects of its class;
-    the top `count` must all have the clause's colour and stand in the clause's relation to
-    every object of the (passed) target clause; an exclude clause fails at `count` objects.
-    partial is the mean of one term per check, each in [0, 1], equal to 1 exactly when the
-    check passes: count min(n, k)/k; colour (right-coloured among the top k)/k; position the
-    fraction of (object, target) pairs in the relation; exclude 1 - excess/allowed for an
-    excess over allowed = count - 1 objects (0 when nothing is allowed)."""
-    terms, reasons, groups = [], [], []
+def geneval_verdict(objects, metadata):
+    """GenEval's pass/fail (evaluate_images.py) for kept objects ({class: [{"box", "score",
+    "color"?}, ...]}, keep_objects' order) against GenEval metadata. Returns (passed, reasons).
+    Every include clause needs `count` objects of its class; its top `count` must all have the
+    clause's colour, and stand in the clause's relation to every top object of the target clause,
+    which must itself have passed; an exclude clause fails at `count` objects."""
+    reasons, groups = [], []
     for req in metadata.get("include", []):
         cls, k = req["class"], req["count"]
-        found = objects.get(cls, [])
-        top = found[:k]
-        terms.append(min(len(found), k) / k)
-        passed = len(found) >= k
+        top = objects.get(cls, [])[:k]
+        passed = len(top) == k
         if not passed:
-            reasons.append(f"expected {cls}>={k}, found {len(found)}")
-        if "color" in req:
+            reasons.append(f"expected {cls}>={k}, found {len(objects.get(cls, []))}")
+        if passed and "color" in req:
             right = sum(o.get("color") == req["color"] for o in top)
-            terms.append(right / k)
-            if passed and right < k:
+            if right < k:
                 passed = False
                 reasons.append(f"expected {k} {req['color']} {cls}, found {right}: "
                                + ", ".join(str(o.get("color")) for o in top))
-        if "position" in req:
+        if passed and "position" in req:
             rel, target = req["position"]
-            target_passed, target_top = groups[target]
-            pairs = [(o, t) for o in top for t in target_top]
-            good = sum(rel in relative_position(o["box"], t["box"]) for o, t in pairs)
-            terms.append(good / len(pairs) if pairs else 0.0)
-            if passed and not target_passed:
+            if groups[target] is None:
                 passed = False
                 reasons.append(f"no target for {cls} to be {rel}")
-            elif passed and good < len(pairs):
+            else:
+                good = sum(rel in relative_position(o["box"], t["box"]) for o in top for t in groups[target])
+                if good < k * len(groups[target]):
+                    passed = False
+                    reasons.append(f"expected {cls} {rel} target, {good} of {k * len(groups[target])} pairs are")
+        groups.append(top if passed else None)
+    passed = all(g is not None for g in groups)
+    for req in metadata.get("exclude", []):
+        n = len(objects.get(req["class"], []))
+        if n >= req["count"]:
+            passed = False
+            reasons.append(f"expected {req['class']}<{req['count']}, found {n}")
+    return passed, reasons
+
+
+def geneval_server_partial(objects, metadata):
+    """The partial score of Flow-GRPO's GenEval reward server (reward-server, gen_eval.py), the
+    reward the published GenEval teacher and the paper's GRPO baselines were trained on. The
+    mean of one term per rule below, 0 when there is no include clause. Its quirks are kept, as
+    they are what those models learned:
+    - count: per include clause of k objects with n kept (all n, up to MAX_OBJECTS, not the top
+      k), 1 - |k - n| / k. Extra objects cost as much as missing ones, and below 0 past 2k: two
+      extra dogs for "a dog" give -1.
+    - n != k fails the clause: a colour or a position clause adds one 0 (one, even with both) and
+      checks nothing more, so three red cars for "two red cars" lose the colour credit too.
+    - colour (n == k): right / k, the share of the k objects of the clause's colour; the clause
+      fails unless all of them are.
+    - position (n == k and the colour, if any, right): a 0 when the target clause failed;
+      otherwise a 0 when some (object, target object) pair is not in the relation (the check
+      stops there, so one 0 however many pairs fail), then a 1 in any case: a failed position
+      adds [0, 1], a passed one [1].
+    - exclude clauses are ignored (a counting prompt's extras already cost through its count).
+    The strict verdict (geneval_verdict) is separate: 1 here needs exact counts, GenEval only
+    at least k outside counting prompts."""
+    terms, groups = [], []
+    for req in metadata.get("include", []):
+        found, k = objects.get(req["class"], []), req["count"]
+        terms.append(1 - abs(k - len(found)) / k)
+        passed = len(found) == k
+        if not passed and ("color" in req or "position" in req):
+            terms.append(0.0)
+        if passed and "color" in req:
+            right = sum(o.get("color") == req["color"] for o in found)
+            terms.append(1 - abs(k - right) / k)
+            passed = right == k
+        if passed and "position" in req:
+            rel, target = req["position"]
+            if groups[target] is None:
+                terms.append(0.0)
                 passed = False
-                reasons.append(f"expected {cls} {rel} target, {good} of {len(pairs)} pairs are")
-        groups.append((passed, top))
-    strict = all(passed for passed, _ in groups)
+            else:
+                if not all(rel in relative_position(o["box"], t["box"]) for o in found for t in groups[target]):
+                    terms.append(0.0)
+                    passed = False
+                terms.append(1.0)
+        groups.append(found if passed else None)
+    return sum(terms) / len(terms) if terms else 0.0
+
+
+def geneval_aligned_partial(objects, metadata):
+    """A partial credit whose terms each lie in [0, 1] and reach 1 exactly when GenEval's own
+    check passes, so the score is 1 exactly when geneval_verdict passes and never punishes what
+    GenEval accepts. The mean of one term per check: count min(n, k) / k; colour the share of
+    the top k with the clause's colour, (right) / k; position the fraction of (top object,
+    target's top object) pairs in the relation (0 without pairs); exclude (at most count - 1
+    allowed) 1 - excess / allowed for an excess over the allowed, 0 when none is allowed."""
+    terms, tops = [], []
+    for req in metadata.get("include", []):
+        found, k = objects.get(req["class"], []), req["count"]
+        top = found[:k]
+        terms.append(min(len(found), k) / k)
+        if "color" in req:
+            terms.append(sum(o.get("color") == req["color"] for o in top) / k)
+        if "position" in req:
+            rel, target = req["position"]
+            pairs = [(o, t) for o in top for t in tops[target]]
+            terms.append(sum(rel in relative_position(o["box"], t["box"]) for o, t in pairs) / len(pairs)
+                         if pairs else 0.0)
+        tops.append(top)
     for req in metadata.get("exclude", []):
         n, allowed = len(objects.get(req["class"], [])), req["count"] - 1
         terms.append(1.0 if n <= allowed else max(0.0, 1 - (n - allowed) / max(allowed, 1)))
-        if n > allowed:
-            strict = False
-            reasons.append(f"expected {req['class']}<{req['count']}, found {n}")
-    partial = sum(terms) / len(terms) if terms else float(strict)
-    return partial, strict, reasons
+    return sum(terms) / len(terms) if terms else float(geneval_verdict(objects, metadata)[0])
 
 
 def _load_geneval():
@@ -326,11 +428,10 @@ def classify_colors(image, objects, cls, models):
     return [COLORS[i] for i in (feats @ _color_classifier(cls, models).to(feats).T).argmax(1).tolist()]
 
 
-def geneval_reward(images, prompts, metadata):
-    """GenEval on each image against its metadata (GenEval jsonl form): partial credit as the
-    score, GenEval's pass/fail as info["strict"]."""
+def _geneval(images, metadata, partial, name):
+    """Detections, colours and GenEval's verdict for each image; `partial` gives its score."""
     if metadata is None:
-        raise ValueError("geneval reward: needs GenEval metadata (tag, include, exclude) for every image")
+        raise ValueError(f"{name} reward: needs GenEval metadata (tag, include, exclude) for every image")
     models = _models("geneval", _load_geneval)
     images = to_pil(images)
     scores, info = [], []
@@ -338,16 +439,33 @@ def geneval_reward(images, prompts, metadata):
         objects = keep_objects(dets, meta["tag"])
         colors = {}
         for req in meta.get("include", []):
+            # the top k's colours: all the verdict looks at, and all n = k objects when the
+            # server's colour term counts
             top = objects.get(req["class"], [])[:req["count"]]
             if "color" in req and top:
                 for o, c in zip(top, classify_colors(image, top, req["class"], models)):
                     o["color"] = c
                 colors[req["class"]] = [o["color"] for o in top]
-        partial, strict, reasons = geneval_rules(objects, meta)
-        scores.append(partial)
+        strict, reasons = geneval_verdict(objects, meta)
+        scores.append(partial(objects, meta))
         info.append({"tag": meta["tag"], "strict": strict, "reasons": reasons, "colors": colors,
                      "detected": {c: [o["box"] for o in group] for c, group in objects.items()}})
     return torch.tensor(scores, dtype=torch.float32), info
+
+
+def geneval_reward(images, prompts, metadata):
+    """GenEval with the reward server's partial score (geneval_server_partial: what Flow-GRPO's
+    GenEval teacher learned from; it can go below 0) and GenEval's pass/fail as info["strict"]."""
+    return _geneval(images, metadata, geneval_server_partial, "geneval")
+
+
+def geneval_aligned_reward(images, prompts, metadata):
+    """GenEval with geneval_aligned_partial as the score and GenEval's pass/fail as
+    info["strict"]. The better signal when the aim is GenEval's accuracy itself: the score is 1
+    exactly when the image passes and stays in [0, 1], where the server's partial asks for more
+    than GenEval does (exactly k objects, so a second dog for "a dog" costs as much as no dog and
+    extras push it below 0) and gives a failed position half its credit."""
+    return _geneval(images, metadata, geneval_aligned_partial, "geneval_aligned")
 
 # -----------------------------------------------------------------------------
 # PickScore
@@ -355,14 +473,17 @@ def geneval_reward(images, prompts, metadata):
 
 def _load_pickscore():
     from transformers import CLIPModel, CLIPProcessor
-    return {"model": CLIPModel.from_pretrained(PICKSCORE_MODEL_ID).to(DEVICE).eval(),
+    # float32 whatever the stored dtype (transformers 5 loads that by default), as Flow-GRPO pins it
+    model = CLIPModel.from_pretrained(PICKSCORE_MODEL_ID).to(DEVICE, torch.float32).eval()
+    return {"model": model,
             "processor": CLIPProcessor.from_pretrained(PICKSCORE_PROCESSOR_ID)}
 
 
 @torch.no_grad()
 def pickscore_reward(images, prompts, metadata=None):
-    """PickScore (logit_scale * cosine(image, prompt)) / 26, clipped to [0, 1]; the raw score is
-    info["pickscore"]. Real images score about 18-24, so the clip never binds in practice."""
+    """Flow-GRPO's PickScore reward: (logit_scale * cosine(image, prompt)) / 26 in float32, here
+    clipped to [0, 1]; the raw score is info["pickscore"]. Real images score about 18-24, so the
+    clip never binds in practice."""
     m = _models("pickscore", _load_pickscore)
     model, proc = m["model"], m["processor"]
     dev = _device(model)
@@ -393,9 +514,13 @@ def _tiny(name):
     return reward
 
 
+# the rewards that score GenEval's prompts: eval reports GenEval's overall for them, the mean of
+# the per-tag pass rates (scoring.summarise)
+GENEVAL_REWARDS = ("geneval", "geneval_aligned")
 REWARDS = {
     "ocr": ocr_reward,
     "geneval": geneval_reward,
+    "geneval_aligned": geneval_aligned_reward,
     "pickscore": pickscore_reward,
     "count": _tiny("count"),
     "text": _tiny("text"),
@@ -420,16 +545,17 @@ def preload(specs):
     """Load the models of every reward in `specs` (names or "name:weight,..." specs) now, so a
     model the hub cannot give (offline, gated, a typo in an id) stops the run at start-up with one
     line naming the reward and the model, not after the pipeline loaded and sampled."""
-    loaders = {"ocr": (_load_ocr, "RapidOCR's bundled models"),
-               "geneval": (_load_geneval, f"{GENEVAL_DETECTOR_ID} and {GENEVAL_CLIP_ID}"),
-               "pickscore": (_load_pickscore, f"{PICKSCORE_MODEL_ID} and {PICKSCORE_PROCESSOR_ID}")}
+    geneval = ("geneval", _load_geneval, f"{GENEVAL_DETECTOR_ID} and {GENEVAL_CLIP_ID}")
+    loaders = {"ocr": ("ocr", _load_ocr, "RapidOCR's bundled models"),  # reward: (MODELS key, loader, models)
+               "geneval": geneval, "geneval_aligned": geneval,
+               "pickscore": ("pickscore", _load_pickscore, f"{PICKSCORE_MODEL_ID} and {PICKSCORE_PROCESSOR_ID}")}
     names = [item.partition(":")[0].strip() for spec in specs for item in spec.split(",")]
     for name in dict.fromkeys(filter(None, names)):
         get_reward(name)
-        if name in loaders and name not in MODELS:
-            load, models = loaders[name]
+        if name in loaders and loaders[name][0] not in MODELS:
+            key, load, models = loaders[name]
             try:
-                _models(name, load)
+                _models(key, load)
             except Exception as e:  # OSError offline, GatedRepoError, HFValidationError, ...
                 raise ValueError(f"reward {name!r} cannot load {models} ({first_line(e)}); it needs the "
                                  f"hub once, or HF_HOME with a copy; or leave {name} out of the tasks") from None
@@ -437,7 +563,7 @@ def preload(specs):
 
 def parse_reward_spec(spec):
     """A reward from "name" or "name:weight,name:weight,...": the weighted sum of the scores
-    (in [0, 1] when the weights are non-negative and sum to at most 1). Each image's info holds
+    (in [0, 1] when the weights are non-negative and sum to at most 1, and no part is `geneval`). Each image's info holds
     every part's info (with its score) under the part's name; "strict" is the AND of the
     parts' strict verdicts, present when any part gives one."""
     parts = []

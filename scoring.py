@@ -139,6 +139,9 @@ def _stats(records, jobs):
     strict = [bool(r["info"]["strict"]) for r in records if "strict" in r["info"]]
     if strict:
         out["strict"] = sum(strict) / len(strict)
+    failed = [bool(r["info"]["failed"]) for r in records if "failed" in r["info"]]
+    if failed:  # images the reward's engine could not read (OCR), scored 0
+        out["failed"] = sum(failed)
     return out
 
 
@@ -147,7 +150,11 @@ def summarise(records, jobs):
     is the standard error of the mean over prompts (each prompt's images averaged first);
     "strict", the pass rate, where the reward has a pass/fail; "tags", the same per prompt tag,
     where a task's own prompts carry several (GenEval reports per tag: a mean can hide that
-    counting learned while position did not)."""
+    counting learned while position did not). For a GenEval reward (rewards.GENEVAL_REWARDS)
+    "strict" is GenEval's overall score as its summary_scores.py computes it, the mean of the
+    per-tag pass rates, and "strict_pooled" the pass rate over all images, which weighs a tag by
+    its number of images."""
+    from rewards import GENEVAL_REWARDS
     out = {}
     for task in dict.fromkeys(r["task"] for r in records):
         mine = [r for r in records if r["task"] == task]
@@ -159,6 +166,10 @@ def summarise(records, jobs):
                 tags.setdefault(tag, []).append(r)
         if len(tags) > 1:
             out[task]["tags"] = {t: _stats(rs, jobs) for t, rs in tags.items()}
+            if task in GENEVAL_REWARDS and "strict" in out[task]:
+                per_tag = [s["strict"] for s in out[task]["tags"].values()]
+                out[task]["strict_pooled"] = out[task]["strict"]
+                out[task]["strict"] = sum(per_tag) / len(per_tag)
     return out
 
 

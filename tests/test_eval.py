@@ -305,6 +305,24 @@ def test_scores_per_prompt_tag():
     assert "| base | 0.750 (0.500) | 0.100 (0.000) |" in table
 
 
+def test_geneval_headline_is_the_mean_of_its_tags_and_failed_reads_are_reported():
+    """results.md shows GenEval's official overall (the mean of the per-tag pass rates: (1 + 0) / 2,
+    not the pooled 2/3) beside its per-tag table, and counts the images the OCR engine failed on."""
+    rows = [{"task": "geneval", "row": i, "metadata": {"tag": t}} for i, t in enumerate(("two_object",) * 2 + ("position",))]
+    rows += [{"task": "ocr", "row": i, "metadata": {}} for i in range(2)]
+    records = [{"job": j, "task": rows[j]["task"], "score": s, "info": info} for j, s, info in [
+        (0, 1.0, {"strict": True}), (1, 1.0, {"strict": True}), (2, 0.2, {"strict": False}),
+        (3, 0.9, {"strict": False, "failed": False}), (4, 0.0, {"strict": False, "failed": True})]]
+    res = scoring.summarise(records, rows)
+    assert res["geneval"]["strict"] == 0.5 and res["geneval"]["strict_pooled"] == pytest.approx(2 / 3)
+    assert res["ocr"]["failed"] == 1 and "failed" not in res["geneval"]
+    cfg = dict(model="m", eval_steps=20, guidance=4.5, resolution=32, seed=0, split="test")
+    table = evaluation.results_table({"base": res}, cfg, {"geneval": 3, "ocr": 2})
+    assert re.search(r"\| base \| \S+ ±\S+ \(0\.500\) \|", table), table
+    assert "| base | 1.000 (1.000) | 0.200 (0.000) |" in table
+    assert "Images the OCR engine failed on, scored 0 (checkpoint, task, images): base ocr 1." in table
+
+
 def test_readme_teachers_command_on_shipped_checkpoints(tmp_path):
     """The README's stage-1 table command, as written there, with 2 ODE steps instead of 20 and 1
     image per prompt instead of the preset's 4 (test_images_per_prompt_* covers several): every
