@@ -12,7 +12,7 @@ import rewards
 
 def _args(pipe_dir, prompt_file, reward, **over):
     cfg = dict(model=str(pipe_dir), reward=reward, prompts=str(prompt_file), resolution=32, num_steps=3,
-               group_size=8, prompts_per_step=2, batch_size=16, lora_rank=4, lora_alpha=4, beta=0.0, batches=3)
+               group_size=16, prompts_per_step=2, batch_size=16, lora_rank=4, lora_alpha=4, beta=0.0, batches=3)
     cfg.update(over)
     return [x for k, v in cfg.items() for x in (f"--{k}", str(v))]
 
@@ -34,7 +34,9 @@ def test_signal_against_a_reward_that_ignores_the_image(tiny_pipe_dir, prompt_fi
     _coin.gen = torch.Generator().manual_seed(0)
     monkeypatch.setitem(rewards.REWARDS, "coin", _coin)
     coin = grpo_snr.main(_args(tiny_pipe_dir, prompt_file, "coin"))
-    # brightness depends on every pixel's noise alike: batches agree far above their control
+    # brightness depends on every pixel's noise alike: batches agree far above their control. Groups of
+    # 16: with groups of 8 the cosine ranged 0.32-0.53 over seeds 0-3 (control -0.20..0.19); with 16,
+    # 0.52-0.70 (control -0.23..0.08)
     assert bright["cosine"] > 0.5 and bright["cosine"] > bright["control"] + 0.4, bright
     assert abs(coin["cosine"]) < 0.3 and abs(coin["control"]) < 0.3, coin
 
