@@ -21,6 +21,11 @@ What the pieces cost, in ratios measured within one run (wall-clock on shared ma
    control) one full-weight teacher, loaded as opd_distill loads one: its own copy of the transformer.
    Reported as the bytes of all distinct tensor storages held by the models, and as the process's
    peak RSS. This part runs first, so that no training run has set the peak already.
+4. estimate (only when asked for: --only estimate, minutes): every stage's peak GPU memory
+   (weights, trainable state, activations) and FLOPs per step at SD3.5-Medium's and -Large's real
+   sizes, 512 px, batch 1-8, with and without gradient checkpointing, worked out on fake tensors
+   (estimate.py), then checked against real CPU runs of the tiny base and the SD3.5-shaped
+   miniature (the errors are printed).
 """
 import argparse
 import json
@@ -39,8 +44,8 @@ from sde_sampler import TINY_MODEL, encode, load_policy, rollout
 from tinyworld import SAMPLING, VOCAB_WORDS
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("--only", choices=["rollout", "opd", "memory"], action="append",
-                    help="run only these parts (repeatable); default all three")
+parser.add_argument("--only", choices=["rollout", "opd", "memory", "estimate"], action="append",
+                    help="run only these parts (repeatable); default memory, rollout and opd")
 parser.add_argument("--model", default=None, help="pipeline id or folder (default: the tiny base, else a tiny random "
                     "one); sd35-mini / sd35-full: a random pipeline of SD3.5-M's structure, tiny or at its real size")
 parser.add_argument("--batch", type=int, default=8, help="rollout: images per batch")
@@ -237,3 +242,16 @@ if "opd" in parts:
         ratio = f"  ratio OPD/GRPO {sec / grpo[0]:.2f}" if name != "GRPO" else ""
         print(f"{name}: iteration {sec:.2f}s  inside the transformer (forward + backward) {100 * share:.0f}%  "
               f"{memory} {peak:.0f} MB{ratio}")
+
+if "estimate" in parts:
+    import estimate
+    from sd35_miniature import build_sd35_miniature
+    start = time.time()
+    estimate.report()
+    print("\n[estimate] the check: the same steps on real CPU tensors of small pipelines (bf16, CUDA's autocast casts)")
+    build_sd35_miniature(tmp / "sd35-mini-check")
+    checked = {"tiny base": (model if tiny else str(TINY_MODEL), SAMPLING["t5_tokens"]),
+               "SD3.5-M miniature": (str(tmp / "sd35-mini-check"), 8)}
+    errors = estimate.validation_report(checked)
+    print(f"per-image activation error against the real heap: {min(errors):+.1%} to {max(errors):+.1%}")
+    print(f"[estimate] took {time.time() - start:.0f} s")
