@@ -97,13 +97,23 @@ GAP = 4               # grid: white space between checkpoint columns
 # -----------------------------------------------------------------------------
 
 
+def checkpoint_name(path):
+    """The name a bare PATH goes by: its run's for a run's folders (runs/opd/final -> opd,
+    runs/opd/checkpoint-000200 -> opd_200, so that a run's checkpoints sit side by side), else its stem."""
+    p = Path(path.rstrip("/"))
+    step = common.CKPT.match(p.name)
+    if p.name == "final" or step:
+        return p.parent.name + (f"_{int(step.group(1))}" if step else "")
+    return p.stem
+
+
 def parse_checkpoints(specs):
     """["base", "ocr=PATH", "runs/x/opd.pt"] -> {name: source}, BASE's source being None."""
     ckpts = {}
     for spec in specs:
         name, sep, source = spec.partition("=")
         if not sep:
-            name, source = (BASE, None) if spec == BASE else (Path(spec.rstrip("/")).stem, spec)
+            name, source = (BASE, None) if spec == BASE else (checkpoint_name(spec), spec)
         if not name or (sep and not source):
             raise ValueError(f"bad --ckpt {spec!r}; use base, NAME=PATH or a PATH named after the checkpoint")
         if sep and name == BASE:

@@ -12,6 +12,9 @@
 #    held with 1, 2 and 3 LoRA teachers and with one full-weight teacher; then OPD against GRPO at
 #    512 px, 256 T5 tokens, micro-batch 8: each iteration's time, the share inside the
 #    transformer, the peak GPU memory, and the ratio OPD/GRPO.
+# 4. memory_sd35.txt: one step of OPD and of GRPO at their default --batch_size on a real-size
+#    random SD3.5-M, with and without --gradient_checkpointing: each run's start-up estimate
+#    (estimate.py, printed on CUDA) beside the allocator's peak (max_memory_allocated).
 #
 # A machine without the internet needs the packages its image lacks as wheels in .whl/ (git-ignored;
 # this script installs them). On a machine with pip, for Python 3.12 on x86-64:
@@ -55,3 +58,33 @@ t=$SECONDS
 timeout "${BENCH_TIMEOUT:-200}" "$PY" bench.py --only memory --only opd --model "${BENCH_MODEL:-sd35-full}" \
     --resolution "${BENCH_RES:-512}" --t5_tokens "${BENCH_T5:-256}" --micro_batch 8 --train_steps 3 2>&1 | grep -v "it/s" | tail -24 | tee "$OUT/bench_sd35.txt"
 echo "== bench: $((SECONDS - t)) s; total $((SECONDS - start)) s" | tee -a "$OUT/bench_sd35.txt"
+
+# 4. the memory estimate against the allocator, at the default batch (MEMORY_MODEL=sd35-mini cuts it short)
+t=$SECONDS
+timeout "${MEMORY_TIMEOUT:-240}" "$PY" - "$OUT" "${MEMORY_MODEL:-sd35-full}" <<'EOF' 2>&1 \
+    | grep -E "^(==|estimated peak|measured|error)" | tee "$OUT/memory_sd35.txt"
+import subprocess, sys
+from pathlib import Path
+out, which = Path(sys.argv[1]), sys.argv[2]
+model = out / which
+if not (model / "model_index.json").exists():
+    from sd35_miniature import build_sd35_miniature
+    build_sd35_miniature(model, full=which == "sd35-full")
+small = [] if which == "sd35-full" else ["--resolution", "64", "--t5_tokens", "8", "--num_steps", "2"]
+(out / "prompts.txt").write_text("a red dog\na blue cat\n")
+runs = {"opd": ["opd_distill.py", "--teachers", "ocr=base", "geneval=base", "--prompts_per_step", "1",
+                "--group_size", "8"],
+        "grpo": ["teacher_grpo.py", "--reward", "brightness", "--prompts", str(out / "prompts.txt"),
+                 "--prompts_per_step", "1", "--group_size", "8", "--updates_per_step", "1"]}
+# each run in its own process, its peak read by the allocator once its main() has returned
+measure = ("import runpy, sys, torch; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
+           "print('measured peak', f'{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB' "
+           "if torch.cuda.is_available() else 'n/a (no CUDA)')")
+for stage, args in runs.items():
+    for ckpt in ("false", "true"):
+        print(f"== {stage}, default --batch_size, gradient checkpointing {ckpt}", flush=True)
+        cmd = [sys.executable, "-c", measure, *args, "--model", str(model), "--max_steps", "1", "--eval_every", "0",
+               "--gradient_checkpointing", ckpt, "--out", str(out / f"memory_{stage}_{ckpt}"), *small]
+        subprocess.run(cmd)
+EOF
+echo "== memory: $((SECONDS - t)) s; total $((SECONDS - start)) s" | tee -a "$OUT/memory_sd35.txt"

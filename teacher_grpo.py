@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import estimate
 import scoring
 from lora import add_student
 from prompts import held_out_note, load_prompts, spread
@@ -140,6 +141,10 @@ def main(argv=None):
         resume_from = common.prepare_out(out, cfg["resume"])
         cfg["model"] = resolve_model(cfg["model"], cfg["preset"])
         preload([*tasks, cfg["shared_reward"], *(eval_tasks if cfg["eval_every"] else [])])  # hub models now
+        if device.type == "cuda":  # the estimated peak against the free memory, before any weight moves there
+            free = torch.cuda.mem_get_info(device)[0]
+            estimate.startup_check("grpo", cfg, cfg["model"], free, step_loss, world,
+                                   log=print if master else lambda *a, **k: None)
     trained_steps = int(cfg["num_steps"] * cfg["timestep_fraction"])
     if master:
         out.mkdir(parents=True, exist_ok=True)
@@ -214,7 +219,8 @@ def main(argv=None):
 
         # training: PPO on the per-step log-prob ratio + beta * KL to the base, over trained steps
         policy.transformer.train()
-        order = torch.randperm(images_per_rank, generator=common.step_generator("cpu", cfg["seed"], step, rank, "shuffle"))
+        shuffle = common.step_generator("cpu", cfg["seed"], step, rank, "shuffle")
+        order = torch.randperm(images_per_rank, generator=shuffle)
         per_update = micro // cfg["updates_per_step"]
         stats = {"policy_loss": 0.0, "kl": 0.0, "clipfrac": 0.0}  # summed as tensors: no .item() wait per step
         for u in range(cfg["updates_per_step"]):

@@ -32,7 +32,8 @@ def test_gpu_check_script_cut_short_on_the_cpu(tmp_path):
     miniature (the real-size model needs the GPU): its three reports are written and say what
     they measure."""
     env = {**__import__("os").environ, "TESTS": "tests/test_sd35_shape.py -k structure", "SLOW_TESTS": "",
-           "BENCH_MODEL": "sd35-mini", "BENCH_RES": "64", "BENCH_T5": "8", "PYTHON": sys.executable}
+           "BENCH_MODEL": "sd35-mini", "BENCH_RES": "64", "BENCH_T5": "8", "MEMORY_MODEL": "sd35-mini",
+           "PYTHON": sys.executable}
     out = subprocess.run(["bash", "gpu_check.sh", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
                          timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -41,3 +42,6 @@ def test_gpu_check_script_cut_short_on_the_cpu(tmp_path):
     assert re.search(r"\b1 passed", (tmp_path / "tests.txt").read_text())
     bench = (tmp_path / "bench_sd35.txt").read_text()
     assert re.search(r"ratio OPD/GRPO \d", bench) and "sd35-mini" in bench
+    # OPD and GRPO at their default batch, with and without checkpointing: each run reached its peak reading
+    memory = (tmp_path / "memory_sd35.txt").read_text()
+    assert len(re.findall(r"^measured peak (n/a \(no CUDA\)|[\d.]+ GiB)$", memory, re.M)) == 4, memory

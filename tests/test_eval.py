@@ -349,3 +349,11 @@ def test_shipped_checkpoints_name_no_machine_paths():
         model = json.loads(cfg.read_text()).get("model")
         if model is not None:
             assert not Path(model).is_absolute(), f"{cfg.relative_to(REPO)}: model {model!r}"
+
+
+def test_bare_paths_are_named_after_their_run():
+    """A run's final/ and checkpoint-N/ go by the run's name, so a run's checkpoints sit side by side."""
+    from eval import parse_checkpoints
+    got = parse_checkpoints(["base", "runs/opd/final/", "runs/opd/checkpoint-000200", "x/merge.safetensors"])
+    assert got == {"base": None, "opd": "runs/opd/final/", "opd_200": "runs/opd/checkpoint-000200",
+                   "merge": "x/merge.safetensors"}
