@@ -245,13 +245,20 @@ if "opd" in parts:
 
 if "estimate" in parts:
     import estimate
+    import opd_distill
+    import sft_coldstart
+    import teacher_grpo
     from sd35_miniature import build_sd35_miniature
+    # the stages' code that estimate.py runs (it imports no stage: the stages import it)
+    stages = {"opd": (opd_distill.DEFAULTS, opd_distill.distill_micro_batch),
+              "grpo": (teacher_grpo.DEFAULTS, teacher_grpo.step_loss),
+              "sft": (sft_coldstart.DEFAULTS, sft_coldstart.flow_matching_loss)}
     start = time.time()
-    estimate.report()
+    estimate.report(stages)
     print("\n[estimate] the check: the same steps on real CPU tensors of small pipelines (bf16, CUDA's autocast casts)")
     build_sd35_miniature(tmp / "sd35-mini-check")
     checked = {"tiny base": (model if tiny else str(TINY_MODEL), SAMPLING["t5_tokens"]),
                "SD3.5-M miniature": (str(tmp / "sd35-mini-check"), 8)}
-    errors = estimate.validation_report(checked)
+    errors = estimate.validation_report(checked, stages)
     print(f"per-image activation error against the real heap: {min(errors):+.1%} to {max(errors):+.1%}")
     print(f"[estimate] took {time.time() - start:.0f} s")

@@ -4,8 +4,8 @@ the peak memory, split into frozen weights, trainable state and activations, and
 a model's real config (SD3.5-Medium, SD3.5-Large) and any batch size, with and without gradient
 checkpointing.
 
-    python bench.py --only estimate                            # the table of docs/benchmarks.md
-    estimate.startup_check("opd", cfg, model, free_bytes)      # a stage at start-up, on CUDA
+    python bench.py --only estimate                      # the table of docs/benchmarks.md
+    estimate.startup_check("opd", cfg, model, free_bytes, distill_micro_batch, world)   # a stage, on CUDA
 
 How. The stages' own code runs one trained SDE step (opd_distill.distill_micro_batch over one
 step; teacher_grpo.step_loss and its backward; sft_coldstart's loss; a rollout step's velocity;
@@ -31,7 +31,13 @@ internal scratch, and autograd's graph, which lives in host memory on CUDA.
 Activation memory is affine in the batch: it is measured at batch 1 and 2 and extrapolated, each
 phase on its own line (OPD's label forward in its own images: the batch plus the anchor's); FLOPs
 are linear in it. validate() runs the same steps on real CPU tensors of small pipelines and
-compares with the real heap's growth (tests/test_estimate.py, bench.py --only estimate)."""
+compares with the real heap's growth (tests/test_estimate.py, bench.py --only estimate).
+
+Layout: the stages import this module (startup_check), so it imports no stage. Their code comes
+in as arguments: a unit takes the stage's function (opd_step: opd_distill.distill_micro_batch;
+grpo_train_step: teacher_grpo.step_loss; sft_step: sft_coldstart.flow_matching_loss), and the
+table and the check take `stages`, {"opd"|"grpo"|"sft": (the stage's DEFAULTS, that function)},
+which a tool or a test builds (bench.py, tests/test_estimate.py)."""
 import logging
 import math
 import weakref
@@ -296,11 +302,10 @@ def _routes(teachers, full_teacher, batch):
     return [names[i % len(names)] for i in range(batch)]
 
 
-def opd_step(policy, batch, cfg, teachers=(), anchor=None, full_teacher=None, labels_only=False):
-    """One trained SDE step of one OPD micro-batch (distill_micro_batch over one step): the routed
-    teachers' and the anchor's labels in one no-grad forward, the student's forward with
-    gradient, the loss, the backward. labels_only: just the label forward."""
-    from opd_distill import distill_micro_batch
+def opd_step(policy, batch, cfg, distill, teachers=(), anchor=None, full_teacher=None, labels_only=False):
+    """One trained SDE step of one OPD micro-batch (distill: opd_distill.distill_micro_batch, over
+    one step): the routed teachers' and the anchor's labels in one no-grad forward, the student's
+    forward with gradient, the loss, the backward. labels_only: just the label forward."""
     from sde_sampler import BASE, adapter_velocities, encode
     prompts = [f"p{i}" for i in range(batch)]
     routed = _routes(teachers, full_teacher, batch)
@@ -314,7 +319,7 @@ def opd_step(policy, batch, cfg, teachers=(), anchor=None, full_teacher=None, la
                            routed + [anchor] * len(mar_rows))
         return
     sigmas = np.array([1.0, 0.9])  # .item() of a fake tensor has no value: numpy's has
-    distill_micro_batch(policy, prompts, routed, anchor, sigmas, 1, torch.Generator(), cfg, 1.0, None, mar_rows)
+    distill(policy, prompts, routed, anchor, sigmas, 1, torch.Generator(), cfg, 1.0, None, mar_rows)
 
 
 def rollout_step(policy, batch, cfg):
@@ -337,11 +342,11 @@ def decode_step(policy, batch, cfg=None):
         ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def grpo_train_step(policy, batch, cfg):
-    """One trained step of one GRPO micro-batch (teacher_grpo.step_loss and its backward): the
-    base's velocity without gradient (the KL's reference), the student's with, the PPO loss."""
+def grpo_train_step(policy, batch, cfg, step_loss):
+    """One trained step of one GRPO micro-batch (step_loss: teacher_grpo.step_loss, and its
+    backward): the base's velocity without gradient (the KL's reference), the student's with, the
+    PPO loss."""
     from sde_sampler import encode
-    from teacher_grpo import step_loss
     shape = policy.latent_shape
     traj = {"sigmas": np.array([0.9, 0.8]), "states": torch.randn(batch, 1, *shape),
             "next_states": torch.randn(batch, 1, *shape), "log_probs": torch.zeros(batch, 1)}
@@ -351,15 +356,15 @@ def grpo_train_step(policy, batch, cfg):
     (loss + cfg["beta"] * kl).backward()
 
 
-def sft_step(policy, batch, cfg):
+def sft_step(policy, batch, cfg, loss):
     """One SFT step: the student's guided velocity at noised teacher samples, the flow-matching
-    loss, the backward (sft_coldstart's loss_on)."""
+    loss (loss: sft_coldstart.flow_matching_loss), the backward (sft_coldstart's loss_on)."""
     from sde_sampler import encode, velocity
-    from sft_coldstart import flow_matching_loss, noisy
     x0, eps = torch.randn(batch, *policy.latent_shape), torch.randn(batch, *policy.latent_shape)
     s = torch.rand(batch)
-    v = velocity(policy, noisy(x0, eps, s), s, encode(policy, [f"p{i}" for i in range(batch)]), cfg["guidance"])
-    flow_matching_loss(v, x0, eps).backward()
+    xs = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps  # sft_coldstart's noisy(x0, eps, s)
+    v = velocity(policy, xs, s, encode(policy, [f"p{i}" for i in range(batch)]), cfg["guidance"])
+    loss(v, x0, eps).backward()
 
 
 def _checkpointing(autocast):
@@ -563,30 +568,30 @@ GPUS = {"24 GB": 24.0, "40 GB": 39.6, "48 GB": 45.0, "80 GB": 79.6}  # GiB torch
 TEACHERS = ("t0", "t1", "t2")
 
 
-def stage_defaults():
-    from opd_distill import DEFAULTS as opd
-    from sft_coldstart import DEFAULTS as sft
-    from teacher_grpo import DEFAULTS as grpo
-    return {"opd": dict(opd), "grpo": dict(grpo), "sft": dict(sft)}
+def stage_defaults(stages):
+    """{stage: a copy of its DEFAULTS} from stages = {stage: (DEFAULTS, its function)}."""
+    return {name: dict(defaults) for name, (defaults, _) in stages.items()}
 
 
-def measure_model(config, vae_config=SD35_VAE, resolution=512, t5_tokens=256, clip_tokens=77, rank=32, alpha=64,
-                  log=print):
+def measure_model(config, stages, vae_config=SD35_VAE, resolution=512, t5_tokens=256, clip_tokens=77, rank=32,
+                  alpha=64, log=print):
     """Build one fake policy with every adapter and copy the stages hold (3 LoRA teachers, a LoRA
-    anchor, a full-weight teacher), measure every unit at batch 1 and 2, and return (policy,
-    {unit: (m1, m2)}); "opd" and "train" (GRPO's update) with gradient checkpointing too."""
+    anchor, a full-weight teacher), measure every unit at batch 1 and 2 with the stages' DEFAULTS
+    and functions (stages: see the module's docstring), and return (policy, {unit: (m1, m2)});
+    "opd" and "train" (GRPO's update) with gradient checkpointing too."""
     import time
     t0 = time.time()
     policy, mode = fake_policy(config, vae_config, resolution, t5_tokens, clip_tokens, rank, alpha, TEACHERS, "anchor",
                                "full")
-    cfgs = stage_defaults()
-    todo = {("opd", False): (opd_step, "opd", False, dict(teachers=TEACHERS, anchor="anchor")),
-            ("opd", True): (opd_step, "opd", True, dict(teachers=TEACHERS, anchor="anchor")),
-            "labels 1": (opd_step, "opd", False, dict(teachers=TEACHERS[:1], anchor="anchor", labels_only=True)),
-            "labels full": (opd_step, "opd", False, dict(full_teacher="full", anchor="anchor", labels_only=True)),
+    cfgs, distill, step_loss = stage_defaults(stages), stages["opd"][1], stages["grpo"][1]
+    opd = dict(distill=distill, anchor="anchor")
+    todo = {("opd", False): (opd_step, "opd", False, dict(opd, teachers=TEACHERS)),
+            ("opd", True): (opd_step, "opd", True, dict(opd, teachers=TEACHERS)),
+            "labels 1": (opd_step, "opd", False, dict(opd, teachers=TEACHERS[:1], labels_only=True)),
+            "labels full": (opd_step, "opd", False, dict(opd, full_teacher="full", labels_only=True)),
             "rollout": (rollout_step, "grpo", False, {}), "decode": (decode_step, "grpo", False, {}),
-            ("train", False): (grpo_train_step, "grpo", False, {}),
-            ("train", True): (grpo_train_step, "grpo", True, {})}
+            ("train", False): (grpo_train_step, "grpo", False, dict(step_loss=step_loss)),
+            ("train", True): (grpo_train_step, "grpo", True, dict(step_loss=step_loss))}
     runs = {}
     for key, (step, stage, ckpt, kw) in todo.items():
         runs[key] = tuple(measure(policy, mode, step, b, {**cfgs[stage], "batch_size": b}, ckpt, **kw) for b in (1, 2))
@@ -594,14 +599,13 @@ def measure_model(config, vae_config=SD35_VAE, resolution=512, t5_tokens=256, cl
     return policy, runs
 
 
-def stage_rows(policy, runs, batches=(1, 2, 4, 8), gpus=8):
-    """The table's rows: dicts of (variant, short, stage, checkpointing, batch, units, cost), for
+def stage_rows(policy, runs, cfgs, batches=(1, 2, 4, 8), gpus=8):
+    """The table's rows: dicts of (variant, short, stage, cfg, checkpointing, batch, units, cost), for
     OPD with 1, 2, 3 LoRA teachers or a full-weight teacher (each with a LoRA anchor), GRPO and
     SFT (with 2 LoRA teachers loaded, as sft_coldstart holds them). OPD's variants share the
     student's measurements and differ in their label forward (2 LoRA teachers: measured as 3,
     which at batch 1 and 2 route to the same 2); SFT's step is the student phase of GRPO's update
-    (the same forward and backward; the tests check it)."""
-    cfgs = stage_defaults()
+    (the same forward and backward; the tests check it). cfgs: stage_defaults()."""
     base, lora = weights_bytes(policy, vae=True), _nbytes(adapter_params(policy.transformer, "t0"))
     full = weights_bytes(policy, full_teacher="full") - weights_bytes(policy)
     rows = []
@@ -621,7 +625,8 @@ def stage_rows(policy, runs, batches=(1, 2, 4, 8), gpus=8):
             for b in batches:
                 cost = stage_cost(stage, units, {**cfgs[stage], "batch_size": b}, b, base + extra,
                                   trainable_bytes(policy, ema=stage != "sft"), gpus, policy.latent_shape)
-                rows.append(dict(variant=variant, short=short, stage=stage, ckpt=ckpt, batch=b, units=units, cost=cost))
+                rows.append(dict(variant=variant, short=short, stage=stage, cfg=cfgs[stage], ckpt=ckpt, batch=b,
+                                 units=units, cost=cost))
     order = list(dict.fromkeys(r["variant"] for r in rows))
     return sorted(rows, key=lambda r: (order.index(r["variant"]), r["ckpt"], r["batch"]))
 
@@ -637,10 +642,9 @@ def must_divide(stage, cfg, gpus):
 def fits_table(policy, rows, gpus=8, spare=SPARE):
     """{GPU: {short: [without, with checkpointing]}}, each a pair (the largest batch that fits, the
     largest that also divides what the stage requires it to; None where no rule)."""
-    cfgs = stage_defaults()
     out = {gpu: {} for gpu in GPUS}
     for r in (r for r in rows if r["batch"] == 1):
-        stage, cfg, weights, trainable = r["stage"], cfgs[r["stage"]], r["cost"]["weights"], r["cost"]["trainable"]
+        stage, cfg, weights, trainable = r["stage"], r["cfg"], r["cost"]["weights"], r["cost"]["trainable"]
 
         def cost_at(b):
             return stage_cost(stage, r["units"], {**cfg, "batch_size": b}, b, weights, trainable, gpus,
@@ -653,10 +657,11 @@ def fits_table(policy, rows, gpus=8, spare=SPARE):
     return out
 
 
-def report(models=MODELS, batches=(1, 2, 4, 8), gpus=8, log=print):
+def report(stages, models=MODELS, batches=(1, 2, 4, 8), gpus=8, log=print):
     """Print the table of docs/benchmarks.md: every stage of every model at every batch size, with
-    and without gradient checkpointing, and the largest batch that fits each GPU size."""
-    cfgs = stage_defaults()
+    and without gradient checkpointing, and the largest batch that fits each GPU size. stages:
+    {stage: (DEFAULTS, its function)} (the module's docstring)."""
+    cfgs = stage_defaults(stages)
     encoders, pickscore = text_encoder_params() * 2, pickscore_params() * 4
     log(f"units: GiB (2^30 bytes); TFLOP per trained image; seconds per optimizer step and GPU with {gpus} GPUs "
         f"(GRPO: per iteration of rollouts, which makes {cfgs['grpo']['updates_per_step']} updates; SFT: per batch) on "
@@ -671,7 +676,7 @@ def report(models=MODELS, batches=(1, 2, 4, 8), gpus=8, log=print):
         f"task), +{pickscore / GIB:.1f} GiB (CLIP-H in fp32, as rewards.py loads it); OCR runs on the CPU")
     for name, config in models.items():
         log(f"\n[estimate] {name}, 512 px: measuring on fake tensors", flush=True)
-        policy, runs = measure_model(config, log=log)
+        policy, runs = measure_model(config, stages, log=log)
         tr = policy.transformer
         n_base = sum(p.numel() for n, p in tr.named_parameters() if ".lora_" not in n)
         log(f"{name}: transformer {n_base / 1e9:.2f} B parameters, {weights_bytes(policy) / GIB:.2f} GiB in bf16 "
@@ -685,7 +690,7 @@ def report(models=MODELS, batches=(1, 2, 4, 8), gpus=8, log=print):
             f"on its own)")
         log(f"{'stage':<40}{'batch':>5}{'ckpt':>5}{'weights':>8}{'train.':>7}{'activ.':>8}{'peak':>7}"
             f"{'TFLOP/img':>10}{'s/step':>8}")
-        rows = stage_rows(policy, runs, batches, gpus)
+        rows = stage_rows(policy, runs, cfgs, batches, gpus)
         for r in rows:
             c = r["cost"]
             log(f"{r['variant']:<40}{r['batch']:>5}{'yes' if r['ckpt'] else 'no':>5}{c['weights'] / GIB:>8.2f}"
@@ -715,14 +720,14 @@ def storage_bytes(modules):
     return sum(seen.values())
 
 
-def validate(model, batch=2, resolution=None, t5_tokens=1):
+def validate(model, stages, batch=2, resolution=None, t5_tokens=1):
     """Each unit of each stage at `batch` on a small pipeline folder, estimated (fake tensors from
     its config) and measured (the same step on the real pipeline, loaded as the stages load it,
     on the CPU): the activation peak the estimate gives, the same Counter on the real tensors,
     and the real run's heap growth (glibc; an independent measurement, which also sees what
     kernels and autograd allocate for themselves). Returns [(unit, checkpointing, estimate,
-    counted, heap)] and the weights (estimated, measured)."""
-    cfgs = stage_defaults()
+    counted, heap)] and the weights (estimated, measured). stages: {stage: (DEFAULTS, its function)}."""
+    cfgs = stage_defaults(stages)
     real = real_policy(model, resolution=resolution, t5_tokens=t5_tokens, rank=8, alpha=16, teachers=TEACHERS[:2],
                        anchor="anchor")
     vae = real.pipe.vae
@@ -730,11 +735,12 @@ def validate(model, batch=2, resolution=None, t5_tokens=1):
                              t5_tokens, real.pipe.tokenizer_max_length, 8, 16, TEACHERS[:2], "anchor")
     weights = (weights_bytes(fake, TEACHERS[:2], "anchor", vae=True) + trainable_bytes(fake) // 5,
                storage_bytes([real.transformer, *([vae] if vae is not None else [])]))
-    units = [("opd", opd_step, "opd", False, dict(teachers=TEACHERS[:2], anchor="anchor")),
-             ("opd", opd_step, "opd", True, dict(teachers=TEACHERS[:2], anchor="anchor")),
+    opd = dict(distill=stages["opd"][1], teachers=TEACHERS[:2], anchor="anchor")
+    train, sft = dict(step_loss=stages["grpo"][1]), dict(loss=stages["sft"][1])
+    units = [("opd", opd_step, "opd", False, opd), ("opd", opd_step, "opd", True, opd),
              ("rollout", rollout_step, "grpo", False, {}), ("decode", decode_step, "grpo", False, {}),
-             ("train", grpo_train_step, "grpo", False, {}), ("train", grpo_train_step, "grpo", True, {}),
-             ("sft", sft_step, "sft", False, {}), ("sft", sft_step, "sft", True, {})]
+             ("train", grpo_train_step, "grpo", False, train), ("train", grpo_train_step, "grpo", True, train),
+             ("sft", sft_step, "sft", False, sft), ("sft", sft_step, "sft", True, sft)]
     rows = []
     for name, step, stage, ckpt, kw in units:
         if name == "decode" and vae is None:
@@ -745,15 +751,15 @@ def validate(model, batch=2, resolution=None, t5_tokens=1):
     return rows, weights
 
 
-def validation_report(models, batches=(2, 4), log=print):
+def validation_report(models, stages, batches=(2, 4), log=print):
     """Print validate()'s comparison for each {name: (folder, t5_tokens)} at two batch sizes: the
     estimated activation peak against the Counter on the real run and against the real run's heap
     growth, with the estimate's error at each batch and per image (the slope between the two
     batches), and the heap bytes beyond the estimate that do not grow with the batch (autograd's
-    graph, Python objects: not tensors). Returns the per-image errors."""
+    graph, Python objects: not tensors). stages: as validate's. Returns the per-image errors."""
     (b1, b2), errors = batches, []
     for name, (folder, t5) in models.items():
-        (rows1, weights), (rows2, _) = (validate(folder, b, t5_tokens=t5) for b in batches)
+        (rows1, weights), (rows2, _) = (validate(folder, stages, b, t5_tokens=t5) for b in batches)
         log(f"{name}: weights estimated {weights[0]:,} bytes, loaded {weights[1]:,}; activation peaks in kB: "
             f"estimated / counted on the real tensors / the real run's heap growth (error of the estimate)")
         for (unit, ckpt, e1, c1, h1), (_, _, e2, c2, h2) in zip(rows1, rows2):
@@ -791,10 +797,10 @@ def _clip_tokens(model):
 _RUNS = {}  # (stage, settings) -> what estimate_run measured: a process measures a setting once
 
 
-def estimate_run(stage, cfg, model, world=1, encoders_on_device=False):
+def estimate_run(stage, cfg, model, step, world=1, encoders_on_device=False):
     """(cost_at, must_divide's number) for a run: cost_at(batch) is stage_cost's dict at that
-    batch size for the stage, cfg and model startup_check describes; the units are measured at
-    batch 1 and 2 on fake tensors from the model's config.json files."""
+    batch size for the stage, cfg, model and step (the stage's function) startup_check describes;
+    the units are measured at batch 1 and 2 on fake tensors from the model's config.json files."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
 
     import common
@@ -811,15 +817,17 @@ def estimate_run(stage, cfg, model, world=1, encoders_on_device=False):
     if stage == "opd" and cfg.get("anchor"):
         anchor = "full" if _is_full(cfg["anchor"], cfg) else "anchor"
     ckpt = bool(cfg.get("gradient_checkpointing"))
-    key = repr((stage, str(model), sorted((k, v) for k, v in cfg.items() if k != "batch_size"), encoders_on_device))
+    key = (repr((stage, str(model), sorted((k, v) for k, v in cfg.items() if k != "batch_size"), encoders_on_device)),
+           step)
     if key not in _RUNS:
         policy, mode = fake_policy(config, vae_config, cfg["resolution"], cfg["t5_tokens"], _clip_tokens(model),
                                    cfg["lora_rank"], cfg["lora_alpha"], loras, anchor if anchor == "anchor" else None,
                                    "full" if full or anchor == "full" else None)
-        units = {"opd": [("opd", opd_step, dict(teachers=loras + ((BASE,) if BASE in teachers else ()),
+        units = {"opd": [("opd", opd_step, dict(distill=step, teachers=loras + ((BASE,) if BASE in teachers else ()),
                                                 anchor=anchor, full_teacher="full" if full else None))],
-                 "grpo": [("rollout", rollout_step, {}), ("decode", decode_step, {}), ("train", grpo_train_step, {})],
-                 "sft": [("sft", sft_step, {})]}[stage]
+                 "grpo": [("rollout", rollout_step, {}), ("decode", decode_step, {}),
+                          ("train", grpo_train_step, dict(step_loss=step))],
+                 "sft": [("sft", sft_step, dict(loss=step))]}[stage]
         runs = {name: tuple(measure(policy, mode, step, b, {**cfg, "batch_size": b}, ckpt, **kw) for b in (1, 2))
                 for name, step, kw in units if not (name == "decode" and vae_config is None)}
         weights = weights_bytes(policy, loras, anchor if anchor == "anchor" else None, vae=True)
@@ -839,11 +847,11 @@ def estimate_run(stage, cfg, model, world=1, encoders_on_device=False):
     return cost_at, must_divide(stage, cfg, world)
 
 
-def startup_check(stage, cfg, model, free_bytes, world=1, encoders_on_device=False, spare=SPARE, log=print):
+def startup_check(stage, cfg, model, free_bytes, step, world=1, encoders_on_device=False, spare=SPARE, log=print):
     """Estimate a training step's peak accelerator memory at the run's settings before loading
     anything, print one line, and stop a run that would not fit.
 
-        estimate.startup_check("opd", cfg, cfg["model"], torch.cuda.mem_get_info()[0], world)
+        estimate.startup_check("opd", cfg, cfg["model"], torch.cuda.mem_get_info()[0], distill_micro_batch, world)
 
     stage: "opd", "grpo" or "sft". cfg: the stage's config (DEFAULTS after presets and flags); read:
     batch_size, resolution, t5_tokens, guidance, lora_rank, lora_alpha, gradient_checkpointing (False
@@ -853,26 +861,34 @@ def startup_check(stage, cfg, model, free_bytes, world=1, encoders_on_device=Fal
     the pathwise loss's keys (OPD), beta and the PPO keys (GRPO); reward, tasks, shared_reward and
     eval_tasks: PickScore, if named, is counted (it loads onto the device, in fp32).
     model: a pipeline folder or hub id; only its transformer's and VAE's config.json are read.
-    free_bytes: the device's free memory now. world: the number of ranks (OPD and GRPO need a
-    batch size that divides the images per rank). encoders_on_device: count the text encoders
-    (they stay on the device when the prompts overflow the embedding cache: cache_prompts).
+    free_bytes: the device's free memory now. step: the stage's own function, which the estimate
+    runs (opd: opd_distill.distill_micro_batch; grpo: teacher_grpo.step_loss; sft:
+    sft_coldstart.flow_matching_loss): this module imports no stage. world: the number of ranks
+    (OPD and GRPO need a batch size that divides the images per rank). encoders_on_device: count
+    the text encoders (they stay on the device when the prompts overflow the embedding cache:
+    cache_prompts).
     spare: the fraction of free_bytes to leave free (the allocator's rounding and fragmentation,
     what the estimate leaves out).
 
     Prints "estimated peak X GiB (weights A, trainable B, activations C) of Y GiB free" and returns
     stage_cost's dict for the run, plus "largest_batch" (0: not even 1 fits); or None, with a note,
-    when the model's config cannot be read. Raises SystemExit with one line naming the largest
-    --batch_size that fits, or, if not even 1 does, suggesting --gradient_checkpointing true.
+    when the model's config cannot be read or the estimate itself fails (one line, "note: no memory
+    estimate (...)": an estimate is no reason to stop a run). Raises SystemExit with one line naming
+    the largest --batch_size that fits, or, if not even 1 does, suggesting --gradient_checkpointing
+    true.
     Costs a fake-tensor step at batch 1 and 2: about 20-60 s on one core for SD3.5-Medium (once
     per setting and process)."""
     try:
-        cost_at, rule = estimate_run(stage, cfg, model, world, encoders_on_device)
+        cost_at, rule = estimate_run(stage, cfg, model, step, world, encoders_on_device)
+        cost = cost_at(cfg["batch_size"])
+        cost["largest_batch"] = largest_batch(cost_at, free_bytes, spare, divides=rule)
     except OSError as e:  # no config.json to be had (offline, gated): the stage says more when it loads
         log(f"note: no memory estimate: cannot read the configs of {model!r} ({type(e).__name__})")
         return None
+    except Exception as e:  # the estimator's own failure (a model or torch it does not know): the run goes on
+        log(f"note: no memory estimate ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
+        return None
     ckpt = bool(cfg.get("gradient_checkpointing"))
-    cost = cost_at(cfg["batch_size"])
-    cost["largest_batch"] = largest_batch(cost_at, free_bytes, spare, divides=rule)
     log(f"estimated peak {cost['peak'] / GIB:.1f} GiB (weights {cost['weights'] / GIB:.1f}, trainable "
         f"{cost['trainable'] / GIB:.2f}, activations {cost['activations'] / GIB:.1f}) of {free_bytes / GIB:.1f} GiB "
         f"free (--batch_size {cfg['batch_size']}, {cfg['resolution']} px, gradient checkpointing "

@@ -1,18 +1,31 @@
 """estimate.py: the fake-tensor estimate of a training step against the same step run for real on
 the CPU (the SD3.5-M miniature: VAE, T5, dual attention, RMS qk-norm at tiny sizes), the controls
 that would catch a broken estimate (checkpointing, batch, the math attention kernel, a missing
-autocast), and startup_check's verdicts."""
+autocast), startup_check's verdicts, and that estimate.py imports no stage."""
+import ast
 from contextlib import nullcontext
+from pathlib import Path
 
 import pytest
 import torch
 
 import estimate as E
+import opd_distill
+import sft_coldstart
+import teacher_grpo
 
 TOL = 0.05  # activation bytes per image: the estimate against the real run's heap growth
 needs_heap = pytest.mark.skipif(E.heap_meter() is None, reason="the heap is read through glibc's mallinfo2")
-CFGS = E.stage_defaults()
-OPD = dict(teachers=E.TEACHERS[:2], anchor="anchor")
+# the stages' code the estimate runs, passed in (estimate.py imports no stage: the stages import it)
+STAGES = {"opd": (opd_distill.DEFAULTS, opd_distill.distill_micro_batch),
+          "grpo": (teacher_grpo.DEFAULTS, teacher_grpo.step_loss),
+          "sft": (sft_coldstart.DEFAULTS, sft_coldstart.flow_matching_loss)}
+CFGS = E.stage_defaults(STAGES)
+OPD = dict(distill=opd_distill.distill_micro_batch, teachers=E.TEACHERS[:2], anchor="anchor")
+SFT = dict(loss=sft_coldstart.flow_matching_loss)
+TRAIN = dict(step_loss=teacher_grpo.step_loss)
+REPO = Path(__file__).resolve().parents[1]
+STAGE_MODULES = ["teacher_grpo", "merge_coldstart", "sft_coldstart", "opd_distill", "eval"]
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +35,9 @@ def mini(tmp_path_factory):
     from sd35_miniature import build_sd35_miniature
     folder = tmp_path_factory.mktemp("mini")
     build_sd35_miniature(folder)
-    real = E.real_policy(str(folder), t5_tokens=8, rank=8, alpha=16, **OPD)
+    real = E.real_policy(str(folder), t5_tokens=8, rank=8, alpha=16, teachers=E.TEACHERS[:2], anchor="anchor")
     fake, mode = E.fake_policy(real.transformer.config, real.pipe.vae.config, real.resolution, 8,
-                               real.pipe.tokenizer_max_length, 8, 16, **OPD)
+                               real.pipe.tokenizer_max_length, 8, 16, teachers=E.TEACHERS[:2], anchor="anchor")
     return folder, real, fake, mode
 
 
@@ -79,7 +92,7 @@ def test_estimate_matches_the_real_cpu_run(mini, real_run, unit):
     beyond it does not grow with the batch (autograd's graph, not tensors) and is under 2 MB. The
     table's extrapolation from batch 1 and 2 gives the batch-4 estimate within 2%."""
     _, real, fake, mode = mini
-    step, stage, ckpt, kw = (E.opd_step, "opd", False, OPD) if unit == "opd" else (E.sft_step, "sft", True, {})
+    step, stage, ckpt, kw = (E.opd_step, "opd", False, OPD) if unit == "opd" else (E.sft_step, "sft", True, SFT)
     assert E.weights_bytes(fake, E.TEACHERS[:2], "anchor", vae=True) == \
         E.storage_bytes([real.transformer, real.pipe.vae]) - E.trainable_bytes(real) // 5
     est = {b: E.measure(fake, mode, step, b, CFGS[stage], ckpt, **kw) for b in (1, 2, 4)}
@@ -97,11 +110,11 @@ def test_controls_checkpointing_batch_and_the_sft_step(mini):
     """Checkpointing holds less than not at the same batch; activations grow with the batch; SFT's
     step measures as the student phase of GRPO's update, as the table takes it."""
     _, _, policy, mode = mini
-    train = {(b, ck): E.measure(policy, mode, E.grpo_train_step, b, CFGS["grpo"], ck) for b, ck in
+    train = {(b, ck): E.measure(policy, mode, E.grpo_train_step, b, CFGS["grpo"], ck, **TRAIN) for b, ck in
              ((1, False), (2, False), (2, True))}
     assert train[2, True]["peak"]["student"] < 0.8 * train[2, False]["peak"]["student"]
     assert activations(train[2, False]) > 1.5 * activations(train[1, False])
-    sft = E.measure(policy, mode, E.sft_step, 2, CFGS["sft"])
+    sft = E.measure(policy, mode, E.sft_step, 2, CFGS["sft"], **SFT)
     assert abs(activations(sft) - train[2, False]["peak"]["student"]) <= 0.01 * activations(sft)
     assert sum(sft["flops"].values()) == train[2, False]["flops"]["student"]
 
@@ -113,35 +126,73 @@ def test_controls_the_math_kernel_and_a_missing_autocast_are_caught(mini, real_r
     more than TOL without checkpointing: the comparison above can fail."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     _, real, fake, mode = mini
-    fused = E.measure(fake, mode, E.sft_step, 2, CFGS["sft"])
+    fused = E.measure(fake, mode, E.sft_step, 2, CFGS["sft"], **SFT)
     with sdpa_kernel(SDPBackend.MATH):
-        math = E.measure(fake, mode, E.sft_step, 2, CFGS["sft"])
+        math = E.measure(fake, mode, E.sft_step, 2, CFGS["sft"], **SFT)
     assert fused["attention_matrices"] == 0 < math["attention_matrices"]
     assert activations(math) > activations(fused)
     fake.autocast = nullcontext  # no casts: the LoRA path in fp32, the rest in bf16
     try:
-        est = {b: activations(E.measure(fake, mode, E.sft_step, b, CFGS["sft"])) for b in (2, 4)}
+        est = {b: activations(E.measure(fake, mode, E.sft_step, b, CFGS["sft"], **SFT)) for b in (2, 4)}
     finally:
         fake.autocast = lambda: E.cuda_autocast(torch.bfloat16)
-    got = {b: real_run(E.sft_step, b, "sft")["heap"] for b in (2, 4)}
+    got = {b: real_run(E.sft_step, b, "sft", **SFT)["heap"] for b in (2, 4)}
     assert abs((est[4] - est[2]) / (got[4] - got[2]) - 1) > TOL
 
 
 def test_startup_check_fits_refuses_and_names_the_largest_batch(mini, capsys):
-    from sft_coldstart import DEFAULTS
-    folder = str(mini[0])
-    cfg = {**DEFAULTS, "resolution": 64, "t5_tokens": 8, "lora_rank": 8, "lora_alpha": 16, "batch_size": 4}
-    cost_at, _ = E.estimate_run("sft", cfg, folder)
+    folder, loss = str(mini[0]), sft_coldstart.flow_matching_loss
+    cfg = {**sft_coldstart.DEFAULTS, "resolution": 64, "t5_tokens": 8, "lora_rank": 8, "lora_alpha": 16,
+           "batch_size": 4}
+    cost_at, _ = E.estimate_run("sft", cfg, folder, loss)
     need = {b: cost_at(b)["peak"] for b in (1, 2, 3, 4)}
     assert need[1] < need[2] < need[3] < need[4]
 
     def free_for(peak):  # the free bytes at which this peak leaves just 15% to spare
         return peak / (1 - E.SPARE) + 1
-    cost = E.startup_check("sft", cfg, folder, free_for(need[4]))
+    cost = E.startup_check("sft", cfg, folder, free_for(need[4]), loss)
     assert cost["largest_batch"] >= 4 and cost["peak"] == need[4]
     assert "estimated peak" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"the largest --batch_size that fits with 15% to spare is 2 \(larger with"):
-        E.startup_check("sft", cfg, folder, (free_for(need[2]) + free_for(need[3])) / 2)
+        E.startup_check("sft", cfg, folder, (free_for(need[2]) + free_for(need[3])) / 2, loss)
     with pytest.raises(SystemExit, match="not even --batch_size 1 fits .* try --gradient_checkpointing true"):
-        E.startup_check("sft", cfg, folder, free_for(need[1]) * 0.9)
-    assert E.startup_check("sft", cfg, folder + "/nothing", 1e12) is None  # no config: a note, no verdict
+        E.startup_check("sft", cfg, folder, free_for(need[1]) * 0.9, loss)
+    assert E.startup_check("sft", cfg, folder + "/nothing", 1e12, loss) is None  # no config: a note, no verdict
+
+
+def test_startup_check_lets_a_run_go_on_when_the_estimator_fails(mini):
+    """An unexpected error inside the estimate is one note, not the end of the training run; the
+    SystemExit that refuses a run still comes through."""
+    def broken(*args):
+        raise RuntimeError("no such op\nsecond line")
+    cfg = {**sft_coldstart.DEFAULTS, "resolution": 64, "t5_tokens": 8, "lora_rank": 8, "lora_alpha": 16}
+    notes = []
+    assert E.startup_check("sft", cfg, str(mini[0]), 1e12, broken, log=notes.append) is None
+    assert notes == ["note: no memory estimate (RuntimeError: no such op)"]
+    with pytest.raises(SystemExit):
+        E.startup_check("sft", cfg, str(mini[0]), 1, sft_coldstart.flow_matching_loss, log=notes.append)
+
+
+def imported_modules(source):
+    """Top-level names of every module the source imports, at any depth (inside functions too), and
+    of importlib.import_module("...") / __import__("...") calls with a literal name."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            found |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+        elif (isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None))
+              in ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant)):
+            found.add(str(node.args[0].value).split(".")[0])
+    return found
+
+
+def test_estimate_imports_no_stage():
+    """The layout rule: the stages import estimate.py (startup_check), so it must import none of
+    them, not even lazily. The controls: the checker sees bench.py's import of opd_distill (inside
+    an `if`), and stage imports inside a function."""
+    assert imported_modules((REPO / "estimate.py").read_text()) & set(STAGE_MODULES) == set()
+    assert "opd_distill" in imported_modules((REPO / "bench.py").read_text())
+    nested = "def f():\n    from teacher_grpo import step_loss\n    importlib.import_module('eval')\n"
+    assert imported_modules(nested) == {"teacher_grpo", "eval"}
