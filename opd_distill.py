@@ -45,6 +45,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import estimate
 import scoring
 from lora import add_student, load_teacher
 from prompts import held_out_note, load_prompts, spread
@@ -298,6 +299,10 @@ def main(argv=None):
         resume_from = common.prepare_out(out, cfg["resume"])
         cfg["model"] = resolve_model(cfg["model"], cfg["preset"])
         preload(eval_tasks if cfg["eval_every"] else [])  # the eval rewards' hub models, now
+        if device.type == "cuda":  # the estimated peak against the free memory, before any weight moves there
+            free = torch.cuda.mem_get_info(device)[0]
+            estimate.startup_check("opd", cfg, cfg["model"], free, distill_micro_batch, world,
+                                   log=print if master else lambda *a, **k: None)
 
         # one base in memory; teachers, anchor and student are adapters on it, all checked first
         torch.manual_seed(cfg["seed"])

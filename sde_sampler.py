@@ -94,8 +94,8 @@ def transition_kl(v_student, v_teacher, sigma, sigma_next, noise_level, weightin
     |dt|), which their learning rates were tuned for: flowgrpo = exact * |dt| / D.
 
     Both weight the steps very unevenly: the transition noise is largest near sigma = 1, so
-    the same velocity error costs ~1000x (exact) to ~5000x (flowgrpo) less at the first of 10
-    steps than at the ninth, and the first steps are where layout and counts are decided.
+    the same velocity error costs ~680x (exact) to ~4,600x (flowgrpo) less at the first of SD3's
+    10 shift-3 steps than at the ninth, and the first steps are where layout and counts are decided.
     "velocity" divides each step's KL by that time weight: half the mean squared velocity
     difference, every step alike. Its gradient at a step points the same way as the KL's; only
     the balance between steps changes (it is a reweighted KL, not a KL)."""

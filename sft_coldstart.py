@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import estimate
 from lora import add_student, is_full_weights, load_teacher, read_lora
 from prompts import load_prompts
 from sde_sampler import encode, initial_noise, load_policy, resolve_model, rollout, velocity
@@ -150,6 +151,10 @@ def main(argv=None):
         rows = {n: load_prompts(n, "train") for n in names}
         resume_from = common.prepare_out(out, cfg["resume"])
         cfg["model"] = resolve_model(cfg["model"], cfg["preset"])
+        if device.type == "cuda":  # the estimated peak against the free memory, before any weight moves there
+            free = torch.cuda.mem_get_info(device)[0]
+            estimate.startup_check("sft", cfg, cfg["model"], free, flow_matching_loss, world,
+                                   log=print if master else lambda *a, **k: None)
     if master:
         out.mkdir(parents=True, exist_ok=True)
         common.write_json(out / "config.json", cfg)

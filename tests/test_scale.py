@@ -4,6 +4,7 @@ loss without anchor rows; gradient checkpointing; ranks compared from the start;
 that hold the EMA; and eight ranks (one node and two) under torchrun."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -135,6 +136,32 @@ def test_gradient_checkpointing_gives_the_same_step(stage, tiny_pipe_dir, tmp_pa
     assert plain.keys() == recomputed.keys()
     for k in plain:
         torch.testing.assert_close(recomputed[k], plain[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+# -----------------------------------------------------------------------------
+# on CUDA, a stage estimates its peak memory before it loads anything, and refuses a run that cannot fit
+
+class Loaded(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stage", ["opd", "grpo", "sft"])
+def test_a_stage_on_cuda_checks_the_estimate_against_free_memory_first(stage, tiny_pipe_dir, tmp_path, two_teachers,
+                                                                        monkeypatch, capsys):
+    module = {"opd": opd_distill, "grpo": teacher_grpo, "sft": sft_coldstart}[stage]
+    monkeypatch.setattr(common, "setup_dist", lambda: (0, 1, torch.device("cuda")))
+
+    def load_policy(*a, **k):
+        raise Loaded  # the model would now move to the GPU
+    monkeypatch.setattr(module, "load_policy", load_policy)
+    for free, outcome in [(2 ** 20, SystemExit), (80 * 2 ** 30, Loaded)]:
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * 2 ** 30))
+        with pytest.raises(outcome) as caught:
+            _stage_run(stage, tiny_pipe_dir, tmp_path / f"{stage}{free}", two_teachers, False)
+        printed = capsys.readouterr().out
+        assert re.search(r"estimated peak [\d.]+ GiB \(weights .*\) of [\d.]+ GiB free", printed), printed
+        if outcome is SystemExit:  # 1 MiB: not even the weights fit
+            assert str(caught.value).startswith("error: --batch_size") and "\n" not in str(caught.value)
 
 
 # -----------------------------------------------------------------------------
