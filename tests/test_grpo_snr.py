@@ -29,6 +29,7 @@ def _coin(images, prompts=None, metadata=None):
     return torch.randint(0, 2, (len(images),), generator=_coin.gen).float(), [{} for _ in images]
 
 
+@pytest.mark.slow  # 45 s: six gradients of 32 rollouts each; .ci/run runs it after the README's command
 def test_signal_against_a_reward_that_ignores_the_image(tiny_pipe_dir, prompt_file, monkeypatch):
     bright = grpo_snr.main(_args(tiny_pipe_dir, prompt_file, "brightness"))
     _coin.gen = torch.Generator().manual_seed(0)

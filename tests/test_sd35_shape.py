@@ -211,6 +211,7 @@ def encode_all(pipe_dir, cache_gb):
     return _rss() - before, sum(map(_nbytes, policy.embeds.values())), policy
 
 
+@pytest.mark.slow  # 35-45 s of encoding thousands of prompts: .ci/run runs it after the README's command
 def test_embedding_cache_is_bounded_and_so_is_host_memory(mini, capsys):
     """More prompts than --embed_cache_gb holds (OPD on ocr + geneval: 9,010 at 2.6 MiB each):
     encoded when a batch needs them, least recently used out, host memory bounded; the same
