@@ -12,9 +12,11 @@
 #    held with 1, 2 and 3 LoRA teachers and with one full-weight teacher; then OPD against GRPO at
 #    512 px, 256 T5 tokens, micro-batch 8: each iteration's time, the share inside the
 #    transformer, the peak GPU memory, and the ratio OPD/GRPO.
-# 4. memory_sd35.txt: one step of OPD and of GRPO at their default --batch_size on a real-size
-#    random SD3.5-M, with and without --gradient_checkpointing: each run's start-up estimate
-#    (estimate.py, printed on CUDA) beside the allocator's peak (max_memory_allocated).
+# 4. memory_sd35.txt: one OPD step at the default --batch_size on a real-size random SD3.5-M,
+#    with and without --gradient_checkpointing: each run's start-up estimate (estimate.py, printed
+#    on CUDA) beside the allocator's peak (max_memory_allocated). OPD only, to stay near 10 minutes:
+#    GRPO's update and SFT's step are the same student forward and backward; MEMORY_STAGES="opd grpo"
+#    adds GRPO's rollout and decode.
 #
 # A machine without the internet needs the packages its image lacks as wheels in .whl/ (git-ignored;
 # this script installs them). On a machine with pip, for Python 3.12 on x86-64:
@@ -61,11 +63,11 @@ echo "== bench: $((SECONDS - t)) s; total $((SECONDS - start)) s" | tee -a "$OUT
 
 # 4. the memory estimate against the allocator, at the default batch (MEMORY_MODEL=sd35-mini cuts it short)
 t=$SECONDS
-timeout "${MEMORY_TIMEOUT:-240}" "$PY" - "$OUT" "${MEMORY_MODEL:-sd35-full}" <<'EOF' 2>&1 \
+timeout "${MEMORY_TIMEOUT:-300}" "$PY" - "$OUT" "${MEMORY_MODEL:-sd35-full}" ${MEMORY_STAGES:-opd} <<'EOF' 2>&1 \
     | grep -E "^(==|estimated peak|measured|error)" | tee "$OUT/memory_sd35.txt"
 import subprocess, sys
 from pathlib import Path
-out, which = Path(sys.argv[1]), sys.argv[2]
+out, which, stages = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 model = out / which
 if not (model / "model_index.json").exists():
     from sd35_miniature import build_sd35_miniature
@@ -80,7 +82,8 @@ runs = {"opd": ["opd_distill.py", "--teachers", "ocr=base", "geneval=base", "--p
 measure = ("import runpy, sys, torch; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
            "print('measured peak', f'{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB' "
            "if torch.cuda.is_available() else 'n/a (no CUDA)')")
-for stage, args in runs.items():
+for stage in stages:
+    args = runs[stage]
     for ckpt in ("false", "true"):
         print(f"== {stage}, default --batch_size, gradient checkpointing {ckpt}", flush=True)
         cmd = [sys.executable, "-c", measure, *args, "--model", str(model), "--max_steps", "1", "--eval_every", "0",
