@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 import scoring
-from tinyworld import CHARSET, SAMPLING, TASKS, VOCAB_WORDS, clean_reward, prompt_set, sample_training_batch, shows_flaw
+from tinyworld import (CHARSET, EVAL_BATCH, SAMPLING, TASKS, VOCAB_WORDS, clean_reward, prompt_set,
+                       sample_training_batch, shows_flaw)
 
 # -----------------------------------------------------------------------------
 # defaults
@@ -46,7 +47,6 @@ PRETRAIN = dict(
     ema=0.99,           # the saved weights are this EMA of the trained ones
     seed=0,
 )
-EVAL_BATCH = 32
 
 
 # -----------------------------------------------------------------------------
@@ -182,7 +182,9 @@ def pretrain(out, steps, batch_size, lr, seed, model=None, warmup=PRETRAIN["warm
         opt.step()
         sched.step()
         decay = min(ema, (1 + step) / (10 + step))  # short memory early, while weights move fast
-        torch._foreach_lerp_(averaged, [p.detach() for p in params], 1 - decay)
+        with torch.no_grad():
+            for a, p in zip(averaged, params):
+                a.lerp_(p, 1 - decay)
         losses.append(loss.item())
         avg = losses[-1] if avg is None else 0.95 * avg + 0.05 * losses[-1]
         bar.set_postfix(loss=f"{avg:.4f}")
