@@ -75,7 +75,8 @@ DEFAULTS = dict(
     t5_tokens=256,  # T5 tokens per prompt (max_sequence_length); the tiny base has no T5 and uses 1
     embed_cache_gb=4.0,              # host RAM for prompt embeddings per process (SD3.5-M: 2.6 MiB each)
     eval_steps=40,                   # ODE steps
-    guidance=4.5,
+    guidance=4.5,                    # CFG; a run's checkpoint is sampled at the guidance its config.json records
+                                     # (a CFG-free student: 1) unless --guidance is given, which sets every one
     batch_size=8,                    # images per forward pass, per rank
     grid_prompts=6,                  # rows (prompts) in each task's grid
     seed=0,                          # the i-th prompt of every task starts from initial_noise seed + i
@@ -124,6 +125,17 @@ def parse_checkpoints(specs):
     if not ckpts:
         raise ValueError("no checkpoint to evaluate; pass --ckpt base and/or NAME=PATH")
     return ckpts
+
+
+def recorded_guidance(source):
+    """The CFG a run's checkpoint was trained to sample at, from the config.json saved beside its
+    weights: a student's --student_guidance (opd_distill.py; a CFG-free student's 1), else the
+    run's --guidance; None for anything else (the base, hub ids, files)."""
+    config = Path(source) / "config.json" if source else None
+    if config is None or not config.is_file():
+        return None
+    run = json.loads(config.read_text())
+    return run.get("student_guidance") or run.get("guidance")
 
 
 def lora_fingerprint(source):
@@ -198,6 +210,13 @@ def seed_groups(names):
     return {p: n for p, n in groups.items() if len(n) > 1}
 
 
+def guidance_text(by_ckpt):
+    """"guidance 4.5", or "guidance 4.5 (opd_free 1)" where checkpoints sample at their own."""
+    common_g = max(set(by_ckpt.values()), key=list(by_ckpt.values()).count)
+    own = [f"{name} {g:g}" for name, g in by_ckpt.items() if g != common_g]
+    return f"guidance {common_g:g}" + (f" ({', '.join(own)}: the guidance each run records)" if own else "")
+
+
 def results_table(results, cfg, n_rows):
     """Markdown: one row per checkpoint, one column per task and the average of the task means.
     n_rows: {task: prompts}."""
@@ -210,7 +229,8 @@ def results_table(results, cfg, n_rows):
     if Path(model).is_absolute() and Path(model).is_relative_to(Path.cwd()):
         model = str(Path(model).relative_to(Path.cwd()))
     lines = [f"# Eval: {model}", "",
-             f"ODE, {cfg['eval_steps']} steps, guidance {cfg['guidance']}, {cfg['resolution']} px, "
+             f"ODE, {cfg['eval_steps']} steps, {guidance_text(cfg.get('guidance_by_ckpt', {'': cfg['guidance']}))}, "
+             f"{cfg['resolution']} px, "
              f"the i-th prompt of a task from seed {cfg['seed']} + i for every checkpoint{images}; {cfg['split']} prompts: "
              + ", ".join(f"{t} {n}" for t, n in n_rows.items()), "",
              "| checkpoint | " + " | ".join(tasks) + " | average |",
@@ -282,6 +302,7 @@ def _json_default(o):
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     cfg = common.parse_config(DEFAULTS, PRESETS, argv, description=__doc__.split("\n\n")[0])
     rank, world, device = common.setup_dist()
     master = rank == 0
@@ -307,6 +328,9 @@ def main(argv=None):
                 raise ValueError(f"--ckpt {name}: {e.args[0] if e.args else e}") from None
             except Exception as e:  # a corrupt file surfaces as its reader's own error type
                 raise ValueError(f"--ckpt {name}: {source}: unreadable ({type(e).__name__}: {e})") from None
+        given = any(a == "--guidance" or a.startswith("--guidance=") for a in argv)
+        cfg["guidance_by_ckpt"] = {name: cfg["guidance"] if given else recorded_guidance(source) or cfg["guidance"]
+                                   for name, source in ckpts.items()}
         cfg["model"] = resolve_model(cfg["model"], cfg["preset"])
         preload(tasks)  # the rewards' hub models, now: offline or gated fails here, in one line
         if cfg["batch_size"] < 1 or cfg["grid_prompts"] < 0:
@@ -328,11 +352,12 @@ def main(argv=None):
                 raise ValueError(f"--ckpt {name}: {e.args[0] if e.args else e}") from None
 
     # every image's place in the cache; rank r samples rows r, r + world, ... of every checkpoint
-    settings = dict(steps=cfg["eval_steps"], guidance=cfg["guidance"], resolution=policy.resolution,
+    guidance = cfg["guidance_by_ckpt"]
+    settings = dict(steps=cfg["eval_steps"], resolution=policy.resolution,
                     t5_tokens=policy.t5_tokens, dtype=str(policy.dtype), device=device.type)
     model_id = model_fingerprint(cfg["model"])
-    paths = {name: [cache / f"{cache_key(model_id, fingerprints[name], r, settings)}.png" for r in rows]
-             for name in ckpts}
+    paths = {name: [cache / f"{cache_key(model_id, fingerprints[name], r, {**settings, 'guidance': guidance[name]})}.png"
+                    for r in rows] for name in ckpts}
     missing = sum(not p.exists() for ps in paths.values() for p in ps)
     if missing:  # every rank embeds all prompts in one call, so the text encoders see the same batches
         cache_prompts(policy, [r["prompt"] for r in rows])
@@ -346,12 +371,12 @@ def main(argv=None):
               + ", ".join(f"{t} {len(plan[t]) // k} prompts" for t in tasks) + f", {k} image(s) each) = "
               f"{len(ckpts) * len(rows)} images, "
               f"{cached} already in {cache}; the rest in batches of {cfg['batch_size']} per rank over {world} "
-              f"rank(s); {cfg['eval_steps']} ODE steps, guidance {cfg['guidance']}, {policy.resolution} px")
+              f"rank(s); {cfg['eval_steps']} ODE steps, {guidance_text(guidance)}, {policy.resolution} px")
         common.write_json(out / "config.json", {**cfg, "fingerprints": fingerprints, "model_fingerprint": model_id})
 
     results, details, grids, per_prompt = {}, [], {t: {} for t in tasks}, {}
     for name, adapter in adapters.items():
-        images, generated = scoring.sample_images(policy, rows, cfg["eval_steps"], cfg["guidance"], cfg["batch_size"],
+        images, generated = scoring.sample_images(policy, rows, cfg["eval_steps"], guidance[name], cfg["batch_size"],
                                                  adapter, cache=paths[name], desc=name if master else None)
         records = scoring.score_images(rows, images, plan, cfg["batch_size"])
         shown = {i: images[i] for i in show if i in images}

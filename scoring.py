@@ -226,7 +226,9 @@ def eval_and_log(policy, ema, params, rows, cfg, out, step):
     per task) into samples/."""
     from tqdm import tqdm
     with ema_weights(ema, params):
-        summary, images, details = evaluate(policy, rows, cfg["eval_steps"], cfg["guidance"], cfg["batch_size"],
+        # a CFG-free student (opd_distill's --student_guidance 1) is scored where it samples
+        summary, images, details = evaluate(policy, rows, cfg["eval_steps"], cfg.get("student_guidance") or cfg["guidance"],
+                                            cfg["batch_size"],
                                             seed=cfg["seed"], images_per_prompt=cfg.get("eval_images", 1))
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
