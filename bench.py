@@ -16,7 +16,9 @@ What the pieces cost, in ratios measured within one run (wall-clock on shared ma
    steps: the routed teachers and the anchor in one forward, the student with gradient, its
    backward; it needs no decode or reward and samples nothing after the last trained step.
    GRPO rolls out all steps, decodes and scores, then re-runs the student (and the base, for its
-   KL) with gradient on the trained steps.
+   KL) with gradient on the trained steps. Last, OPD with a CFG-free student (--student_guidance 1):
+   its forwards and backward have no unconditional half (6 forward-equivalents per image-step
+   against 9), reported against the guided OPD at the same --mar_every.
 3. memory: one base with the student, then 1, 2, 3 LoRA teachers added as adapters, then (the
    control) one full-weight teacher, loaded as opd_distill loads one: its own copy of the transformer.
    Reported as the bytes of all distinct tensor storages held by the models, and as the process's
@@ -234,12 +236,20 @@ if "opd" in parts:
         opd[every] = run(opd_distill.main, flags({**common, "out": tmp / f"opd{every}", "anchor": teachers["clean"],
                                                   "beta_mar": 0.04, "mar_every": every})
                          + ["--teachers", f"count={teachers['count']}", f"text={teachers['text']}"], tmp / f"opd{every}")
+    every = opd_distill.DEFAULTS["mar_every"]  # the CFG-free student (--student_guidance 1) at the default
+    inside[0] = 0.0
+    opd["free"] = run(opd_distill.main, flags({**common, "out": tmp / "opd_free", "anchor": teachers["clean"],
+                                               "beta_mar": 0.04, "mar_every": every, "student_guidance": 1.0})
+                      + ["--teachers", f"count={teachers['count']}", f"text={teachers['text']}"], tmp / "opd_free")
     memory = "peak GPU memory" if torch.cuda.is_available() else "peak RSS growth"
     print(f"\n[opd] model {model}; {args.train_steps} steps each, median of steps 2..{args.train_steps}; "
           f"9 of 10 steps trained in both")
-    rows = [("GRPO", grpo)] + [(f"OPD, anchor KL on 1 image in {k}", r) for k, r in opd.items()]
+    rows = [("GRPO", grpo)] + [(f"OPD, anchor KL on 1 image in {k}", r) for k, r in opd.items() if k != "free"]
+    rows.append((f"OPD, CFG-free student (--student_guidance 1), anchor on 1 image in {every}", opd["free"]))
     for name, (sec, share, peak) in rows:
         ratio = f"  ratio OPD/GRPO {sec / grpo[0]:.2f}" if name != "GRPO" else ""
+        if "CFG-free" in name:
+            ratio += f", CFG-free/guided OPD {sec / opd[every][0]:.2f}"
         print(f"{name}: iteration {sec:.2f}s  inside the transformer (forward + backward) {100 * share:.0f}%  "
               f"{memory} {peak:.0f} MB{ratio}")
 

@@ -578,7 +578,8 @@ def measure_model(config, stages, vae_config=SD35_VAE, resolution=512, t5_tokens
     """Build one fake policy with every adapter and copy the stages hold (3 LoRA teachers, a LoRA
     anchor, a full-weight teacher), measure every unit at batch 1 and 2 with the stages' DEFAULTS
     and functions (stages: see the module's docstring), and return (policy, {unit: (m1, m2)});
-    "opd" and "train" (GRPO's update) with gradient checkpointing too."""
+    "opd" (also with a CFG-free student, --student_guidance 1) and "train" (GRPO's update) with
+    gradient checkpointing too."""
     import time
     t0 = time.time()
     policy, mode = fake_policy(config, vae_config, resolution, t5_tokens, clip_tokens, rank, alpha, TEACHERS, "anchor",
@@ -587,6 +588,8 @@ def measure_model(config, stages, vae_config=SD35_VAE, resolution=512, t5_tokens
     opd = dict(distill=distill, anchor="anchor")
     todo = {("opd", False): (opd_step, "opd", False, dict(opd, teachers=TEACHERS)),
             ("opd", True): (opd_step, "opd", True, dict(opd, teachers=TEACHERS)),
+            ("opd free", False): (opd_step, "opd", False, dict(opd, teachers=TEACHERS, cfg={"student_guidance": 1.0})),
+            ("opd free", True): (opd_step, "opd", True, dict(opd, teachers=TEACHERS, cfg={"student_guidance": 1.0})),
             "labels 1": (opd_step, "opd", False, dict(opd, teachers=TEACHERS[:1], labels_only=True)),
             "labels full": (opd_step, "opd", False, dict(opd, full_teacher="full", labels_only=True)),
             "rollout": (rollout_step, "grpo", False, {}), "decode": (decode_step, "grpo", False, {}),
@@ -594,7 +597,10 @@ def measure_model(config, stages, vae_config=SD35_VAE, resolution=512, t5_tokens
             ("train", True): (grpo_train_step, "grpo", True, dict(step_loss=step_loss))}
     runs = {}
     for key, (step, stage, ckpt, kw) in todo.items():
-        runs[key] = tuple(measure(policy, mode, step, b, {**cfgs[stage], "batch_size": b}, ckpt, **kw) for b in (1, 2))
+        kw = dict(kw)
+        over = kw.pop("cfg", {})  # a variant's flags (the CFG-free student's --student_guidance 1)
+        runs[key] = tuple(measure(policy, mode, step, b, {**cfgs[stage], **over, "batch_size": b}, ckpt, **kw)
+                          for b in (1, 2))
         log(f"  measured {key} at batch 1 and 2 ({time.time() - t0:.0f} s)", flush=True)
     return policy, runs
 
@@ -615,6 +621,8 @@ def stage_rows(policy, runs, cfgs, batches=(1, 2, 4, 8), gpus=8):
         variants = [("OPD, 1 LoRA teacher + LoRA anchor", "OPD 1 LoRA", "opd",
                      {"opd": with_labels(opd, runs["labels 1"])}, 2 * lora),
                     ("OPD, 2 LoRA teachers + LoRA anchor", "OPD 2 LoRA", "opd", {"opd": opd}, 3 * lora),
+                    ("OPD, 2 LoRA + anchor, CFG-free student", "OPD CFG-free", "opd", {"opd": runs["opd free", ckpt]},
+                     3 * lora),
                     ("OPD, 3 LoRA teachers + LoRA anchor", "OPD 3 LoRA", "opd", {"opd": opd}, 4 * lora),
                     ("OPD, full-weight teacher + LoRA anchor", "OPD full", "opd",
                      {"opd": with_labels(opd, runs["labels full"])}, full + lora),

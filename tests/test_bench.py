@@ -17,8 +17,9 @@ def test_bench_runs_all_parts_and_lora_teachers_cost_their_adapter():
     text = out.stdout
     assert re.search(r"rollout / diffusers time ratio: median \d", text)
     assert re.search(r"ratio OPD/GRPO \d", text)
-    # GRPO, OPD with the anchor KL on every image (--mar_every 1) and OPD at the default
-    assert len(re.findall(r"iteration [\d.]+s  inside the transformer \(forward \+ backward\) \d+%", text)) == 3
+    # GRPO, OPD with the anchor KL on every image (--mar_every 1), OPD at the default, its CFG-free student
+    assert len(re.findall(r"iteration [\d.]+s  inside the transformer \(forward \+ backward\) \d+%", text)) == 4
+    assert re.search(r"CFG-free student .* CFG-free/guided OPD \d", text)
     adapter_kb = float(re.search(r"one LoRA adapter \(r=8\) is ([\d.]+) kB", text).group(1))
     added = [float(x) for x in re.findall(r"\+ \d LoRA teachers?\s+[\d,]+\s+([\d.]+) kB", text)]
     assert len(added) == 3 and all(0 < a < 2 * adapter_kb for a in added), (added, adapter_kb)

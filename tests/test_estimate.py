@@ -196,3 +196,14 @@ def test_estimate_imports_no_stage():
     assert "opd_distill" in imported_modules((REPO / "bench.py").read_text())
     nested = "def f():\n    from teacher_grpo import step_loss\n    importlib.import_module('eval')\n"
     assert imported_modules(nested) == {"teacher_grpo", "eval"}
+
+
+def test_cfg_free_student_halves_the_student_phase(mini):
+    """A CFG-free student (--student_guidance 1) runs its forward and backward without the
+    unconditional half: half the student phase's FLOPs and activations; the labels are unchanged."""
+    _, _, policy, mode = mini
+    guided = E.measure(policy, mode, E.opd_step, 2, CFGS["opd"], **OPD)
+    free = E.measure(policy, mode, E.opd_step, 2, {**CFGS["opd"], "student_guidance": 1.0}, **OPD)
+    assert free["flops"]["labels"] == guided["flops"]["labels"] > 0
+    assert 0.45 < free["flops"]["student"] / guided["flops"]["student"] < 0.55
+    assert free["peak"]["student"] < 0.65 * guided["peak"]["student"]
