@@ -6,8 +6,10 @@ Rewards: every reward is one function with one signature,
 images: a list of PIL images, or a uint8 tensor (B, 3, H, W) or (B, H, W, 3);
 prompts: list[str]; metadata: list[dict], one per image (None for rewards that ignore it);
 scores: float32 tensor (B,), in [0, 1] except `geneval`, which keeps the reward server's
-negative scores for many extra objects; info: one dict per image (what was read or detected,
-and "strict": the pass/fail an evaluation counts).
+negative scores for many extra objects, and the quality metrics (METRICS: `imagereward`, `hps`,
+`aesthetic`, `clipscore`), which keep their published scales; info: one dict per image (what was
+read or detected, the metric's value under its name, and "strict": the pass/fail an evaluation
+counts).
 
 `ocr`, `geneval` and `pickscore` score as Flow-GRPO's training code does (its OCR scorer, the
 GenEval reward server it calls, its PickScore scorer); docs/reference.md lists what still differs.
@@ -57,6 +59,36 @@ RELATIONS = ["left of", "right of", "above", "below"]
 PICKSCORE_PROCESSOR_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 PICKSCORE_MODEL_ID = "yuvalkirstain/PickScore_v1"
 PICKSCORE_SCALE = 26.0            # reward = PickScore / 26, as Flow-GRPO does
+# The quality metrics (METRICS), each on its published scale. CLIP's image normalisation, which
+# all of them use (OpenAI's constants, also open_clip's OPENAI_DATASET_MEAN/STD)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# ImageReward v1.0: the checkpoint ImageReward.load("ImageReward-v1.0") downloads, BLIP's tokenizer
+IMAGEREWARD_MODEL_ID = "THUDM/ImageReward"
+IMAGEREWARD_FILE = "ImageReward.pt"
+IMAGEREWARD_TOKENIZER_ID = "bert-base-uncased"
+IMAGEREWARD_MAX_TOKENS = 35       # ImageReward pads and truncates every prompt to 35 tokens
+IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072  # its reward standardisation
+# ImageReward's BLIP: create_vit("large", 224) and its med_config.json (BERT-base, 30522 words plus
+# BLIP's [DEC] and [ENC], cross-attention to the image in every layer)
+IMAGEREWARD_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                          image_size=224, patch_size=16, layer_norm_eps=1e-6, hidden_act="gelu")
+IMAGEREWARD_TEXT = dict(vocab_size=30524, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                        num_attention_heads=12, max_position_embeddings=512, layer_norm_eps=1e-12,
+                        hidden_act="gelu", pad_token_id=0)
+# HPS v2.1: open_clip ViT-H-14 fine-tuned by HPSv2 (its checkpoint), in transformers' CLIP with the
+# config and tokenizer of the open_clip model it starts from
+HPS_MODEL_ID = "xswu/HPSv2"
+HPS_FILE = "HPS_v2.1_compressed.pt"
+HPS_CLIP_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+# the LAION aesthetic predictor v2: OpenAI CLIP ViT-L/14 and the sac+logos+ava1 linear-MSE head,
+# from a hub copy of the file in christophschuhmann/improved-aesthetic-predictor
+AESTHETIC_CLIP_ID = "openai/clip-vit-large-patch14"
+AESTHETIC_HEAD_ID = "camenduru/improved-aesthetic-predictor"
+AESTHETIC_HEAD_FILE = "sac+logos+ava1-l14-linearMSE.pth"
+# CLIPScore as Flow-GRPO's clip_scorer.py: OpenAI CLIP ViT-L/14, logit_scale * cosine / 30
+CLIPSCORE_MODEL_ID = "openai/clip-vit-large-patch14"
+CLIPSCORE_SCALE = 30.0
 # -----------------------------------------------------------------------------
 
 # GenEval's 80 COCO class names, in COCO order (GenEval renames mouse/remote/keyboard)
@@ -501,6 +533,349 @@ def brightness_reward(images, prompts=None, metadata=None):
     return scores, [{"brightness": float(s)} for s in scores]
 
 # -----------------------------------------------------------------------------
+# Quality metrics: ImageReward, HPS v2.1, the LAION aesthetic predictor, CLIPScore. Each returns
+# the metric on its published scale (score == info[name]), to be compared with papers, not trained
+# on. The maintained packages (image-reward, hpsv2, open_clip_torch) all require torchvision, so
+# the models run in transformers' classes, their original checkpoints renamed key by key, and the
+# preprocessing is written out here as the originals' torchvision transforms compute it.
+
+
+def _to_tensor(image):
+    """torchvision's ToTensor: an RGB PIL image as a (3, H, W) float tensor in [0, 1]."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
+
+
+def _normalize(x):
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def _short_side_size(height, width, size):
+    """torchvision's Resize(size) output (h, w): the short side becomes `size`, the long side
+    int(size * long / short), truncated as torchvision does."""
+    if height <= width:
+        return size, int(size * width / height)
+    return int(size * height / width), size
+
+
+def _crop_box(height, width, size):
+    """torchvision's CenterCrop offsets: round((side - size) / 2) on each axis."""
+    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    return top, left
+
+
+def clip_pixels(images, size):
+    """CLIP's preprocessing on PIL images, as clip.load's transform and ImageReward's _transform
+    compute it: torchvision's Resize(size, BICUBIC) on the PIL image (so PIL's bicubic filter on
+    uint8), CenterCrop(size), ToTensor, CLIP's normalisation. (B, 3, size, size)."""
+    batch = []
+    for image in images:
+        h, w = _short_side_size(image.height, image.width, size)
+        if (h, w) != (image.height, image.width):
+            image = image.resize((w, h), Image.BICUBIC)
+        top, left = _crop_box(h, w, size)
+        batch.append(_normalize(_to_tensor(image.crop((left, top, left + size, top + size)))))
+    return torch.stack(batch)
+
+
+def _resize_tensor(x, hw, mode):
+    """torchvision's tensor resize (antialias on, its default since 0.17): F.interpolate on the
+    float image, unclamped."""
+    if tuple(x.shape[-2:]) == tuple(hw):
+        return x
+    return torch.nn.functional.interpolate(x[None], size=tuple(hw), mode=mode, align_corners=False,
+                                           antialias=True)[0]
+
+
+def hps_pixels(images, size):
+    """HPSv2's preprocess_val (light_augmentation, so ResizeMaxSize): ToTensor first, then the
+    longest side resized to `size` (each side round(side * size / longest)) with bicubic
+    interpolation on the float tensor, centred on black (0 before normalisation) to size x size,
+    then CLIP's normalisation. (B, 3, size, size)."""
+    batch = []
+    for image in images:
+        x = _to_tensor(image)
+        h, w = x.shape[-2:]
+        scale = size / max(h, w)
+        if scale != 1.0:
+            h, w = round(h * scale), round(w * scale)
+            x = _resize_tensor(x, (h, w), "bicubic")
+            dh, dw = size - h, size - w
+            x = torch.nn.functional.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2), value=0.0)
+        batch.append(_normalize(x))
+    return torch.stack(batch)
+
+
+def clipscore_pixels(images, size):
+    """Flow-GRPO's ClipScorer transform: the image as a [0, 1] float tensor, torchvision's
+    Resize(size) (bilinear, its default, on the tensor), CenterCrop(size), CLIP's normalisation.
+    (B, 3, size, size)."""
+    batch = []
+    for image in images:
+        x = _to_tensor(image)
+        h, w = _short_side_size(*x.shape[-2:], size)
+        x = _resize_tensor(x, (h, w), "bilinear")
+        top, left = _crop_box(h, w, size)
+        batch.append(_normalize(x[:, top:top + size, left:left + size]))
+    return torch.stack(batch)
+
+
+class RatingHead(torch.nn.Module):
+    """The MLP that ImageReward and the aesthetic predictor put on a feature vector (the same
+    class in both): Linear layers width -> 1024 -> 128 -> 64 -> 16 -> 1 with only dropout between
+    them (their ReLUs are commented out), so an affine map when evaluating. `layers` keeps the
+    originals' state-dict names (layers.0, .2, .4, .6, .7)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.layers = torch.nn.Sequential(
+            torch.nn.Linear(width, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
+            torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
+
+    def forward(self, x):
+        return self.layers(x).squeeze(-1)
+
+
+class ImageRewardModel(torch.nn.Module):
+    """ImageReward's score in transformers' BLIP classes: BLIP's ViT (BlipVisionModel) encodes
+    the image, BLIP's BERT (BlipTextModel, the port of BLIP's med.py BertModel) reads the prompt
+    with cross-attention to every image token, and the RatingHead on the [CLS] token's last hidden
+    state gives the reward, standardised by ImageReward's mean and std."""
+
+    def __init__(self, config):
+        super().__init__()
+        from transformers import BlipTextModel, BlipVisionModel
+        self.config = config
+        self.vision_model = BlipVisionModel(config.vision_config)
+        self.text_encoder = BlipTextModel(config.text_config, add_pooling_layer=False)
+        self.mlp = RatingHead(config.text_config.hidden_size)
+
+    def forward(self, pixel_values, input_ids, attention_mask):
+        image = self.vision_model(pixel_values=pixel_values).last_hidden_state
+        # ImageReward passes an all-ones image mask, the same as none
+        text = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                 encoder_hidden_states=image).last_hidden_state
+        return (self.mlp(text[:, 0]) - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
+
+
+def imagereward_config():
+    from transformers import BlipConfig
+    return BlipConfig(vision_config=IMAGEREWARD_VISION, text_config=IMAGEREWARD_TEXT)  # sets the cross-attention width
+
+
+# BLIP's timm-style ViT names -> transformers' BlipVisionModel names
+_BLIP_VIT = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding",
+             "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
+             "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
+             "norm.weight": "post_layernorm.weight", "norm.bias": "post_layernorm.bias"}
+_BLIP_VIT_BLOCK = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.qkv": "self_attn.qkv",
+                   "attn.proj": "self_attn.projection", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+# in ImageReward.pt but not in its score: BLIP's contrastive projections, and a buffer that
+# transformers rebuilds (persistent in BLIP's med.py)
+_IMAGEREWARD_UNUSED = ("blip.vision_proj.", "blip.text_proj.", "blip.text_encoder.embeddings.position_ids")
+
+
+def imagereward_state_dict(original):
+    """ImageReward.pt (the state dict of ImageReward's ImageReward module: blip.visual_encoder.*,
+    blip.text_encoder.*, mlp.layers.*) in ImageRewardModel's names. The ViT's keys are renamed
+    (its fused qkv is laid out as transformers' BlipAttention reads it, so it is kept whole), the
+    text encoder's and the head's keep their names. An unknown key is an error, not dropped."""
+    out = {}
+    for key, value in original.items():
+        if key.startswith(_IMAGEREWARD_UNUSED):
+            continue
+        if key.startswith(("blip.text_encoder.", "mlp.layers.")):
+            out[key.removeprefix("blip.")] = value
+            continue
+        name = key.removeprefix("blip.visual_encoder.")
+        block = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", name)
+        if name != key and name in _BLIP_VIT:
+            out["vision_model." + _BLIP_VIT[name]] = value
+        elif name != key and block and block[2] in _BLIP_VIT_BLOCK:
+            out[f"vision_model.encoder.layers.{block[1]}.{_BLIP_VIT_BLOCK[block[2]]}.{block[3]}"] = value
+        else:
+            raise ValueError(f"imagereward: unexpected key {key!r} in {IMAGEREWARD_FILE}")
+    return out
+
+
+# open_clip CLIP names -> transformers' CLIPModel names (the projections are handled apart)
+_OPEN_CLIP = {"logit_scale": "logit_scale",
+              "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+              "positional_embedding": "text_model.embeddings.position_embedding.weight",
+              "ln_final.weight": "text_model.final_layer_norm.weight",
+              "ln_final.bias": "text_model.final_layer_norm.bias",
+              "visual.class_embedding": "vision_model.embeddings.class_embedding",
+              "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+              "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+              "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight",
+              "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
+              "visual.ln_post.weight": "vision_model.post_layernorm.weight",
+              "visual.ln_post.bias": "vision_model.post_layernorm.bias"}
+_OPEN_CLIP_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+                    "attn.out_proj": "self_attn.out_proj"}
+# open_clip multiplies x @ proj; a Linear stores the transpose
+_OPEN_CLIP_PROJ = {"text_projection": "text_projection.weight", "visual.proj": "visual_projection.weight"}
+
+
+def _open_clip_block(prefix, name, value):
+    """One open_clip resblock entry (`name` after resblocks.N.) as {transformers key: tensor},
+    or None when it is not one of a plain ViT block's."""
+    part, _, kind = name.rpartition(".")
+    if part == "attn" and kind in ("in_proj_weight", "in_proj_bias"):
+        # nn.MultiheadAttention packs the q, k, v projections along the output dimension, in that order
+        kind = kind.removeprefix("in_proj_")
+        return {f"{prefix}self_attn.{q}_proj.{kind}": t for q, t in zip("qkv", value.chunk(3))}
+    if part in _OPEN_CLIP_BLOCK and kind in ("weight", "bias"):
+        return {f"{prefix}{_OPEN_CLIP_BLOCK[part]}.{kind}": value}
+    return None
+
+
+def open_clip_state_dict(original):
+    """An open_clip CLIP state dict (ViT towers, as HPSv2's checkpoint holds ViT-H-14) in
+    transformers' CLIPModel names: each block's packed attention input projection split into
+    q_proj, k_proj, v_proj, the two projections transposed, the rest renamed. An unknown key (an
+    attention pooler, layer scale, another text tower) is an error, not dropped."""
+    out = {}
+    for key, value in original.items():
+        block = re.fullmatch(r"(visual\.)?transformer\.resblocks\.(\d+)\.(.+)", key)
+        if key in _OPEN_CLIP_PROJ:
+            found = {_OPEN_CLIP_PROJ[key]: value.T.contiguous()}
+        elif key in _OPEN_CLIP:
+            found = {_OPEN_CLIP[key]: value}
+        elif block:
+            tower = "vision_model" if block[1] else "text_model"
+            found = _open_clip_block(f"{tower}.encoder.layers.{block[2]}.", block[3], value)
+        else:
+            found = None
+        if found is None:
+            raise ValueError(f"hps: unexpected key {key!r} in an open_clip state dict")
+        out.update(found)
+    return out
+
+
+def _from_state_dict(build, state):
+    """The module `build()` makes, holding exactly `state` (strict: a missing or a left-over key
+    raises), in float32, eval mode, on DEVICE. Built with empty weights, so that a 1-billion
+    parameter model is not first initialised at random only to be overwritten."""
+    from accelerate import init_empty_weights
+    with init_empty_weights():  # parameters on the meta device; buffers (position ids) real
+        model = build()
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(DEVICE, torch.float32).eval()
+
+
+def _hub_checkpoint(repo, filename):
+    """A torch checkpoint from the hub, tensors only (weights_only), on the CPU (the aesthetic
+    head was saved from CUDA tensors)."""
+    from huggingface_hub import hf_hub_download
+    return torch.load(hf_hub_download(repo, filename), map_location="cpu", weights_only=True)
+
+
+def _load_imagereward():
+    from transformers import BertTokenizer
+    tokenizer = BertTokenizer.from_pretrained(IMAGEREWARD_TOKENIZER_ID)
+    # BLIP's init_tokenizer adds [DEC] and [ENC] (ids 30522 and 30523): a prompt holding them reads them so
+    tokenizer.add_tokens(["[DEC]", "[ENC]"], special_tokens=True)
+    state = imagereward_state_dict(_hub_checkpoint(IMAGEREWARD_MODEL_ID, IMAGEREWARD_FILE))
+    return {"model": _from_state_dict(lambda: ImageRewardModel(imagereward_config()), state), "tokenizer": tokenizer}
+
+
+def _load_hps():
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    config = CLIPConfig.from_pretrained(HPS_CLIP_ID)
+    for tower in (config.text_config, config.vision_config):
+        tower.hidden_act = "gelu"  # open_clip's ViT-H-14: nn.GELU (HPSv2 sets force_quick_gelu=False)
+    state = open_clip_state_dict(_hub_checkpoint(HPS_MODEL_ID, HPS_FILE)["state_dict"])
+    return {"model": _from_state_dict(lambda: CLIPModel(config), state),
+            "tokenizer": CLIPTokenizer.from_pretrained(HPS_CLIP_ID)}
+
+
+def _load_clip_l14():
+    from transformers import CLIPModel, CLIPTokenizer
+    return {"model": CLIPModel.from_pretrained(CLIPSCORE_MODEL_ID).to(DEVICE, torch.float32).eval(),
+            "tokenizer": CLIPTokenizer.from_pretrained(CLIPSCORE_MODEL_ID)}
+
+
+def _load_clipscore():
+    return _models("clip_l14", _load_clip_l14)  # one copy of CLIP ViT-L/14 for clipscore and aesthetic
+
+
+def _load_aesthetic():
+    clip = _models("clip_l14", _load_clip_l14)["model"]
+    head = RatingHead(clip.config.projection_dim)
+    head.load_state_dict(_hub_checkpoint(AESTHETIC_HEAD_ID, AESTHETIC_HEAD_FILE), strict=True)
+    return {"model": clip, "head": head.to(DEVICE, torch.float32).eval()}
+
+
+def _scored(name, raw):
+    raw = raw.float().cpu()
+    return raw, [{name: float(r)} for r in raw]
+
+
+@torch.no_grad()
+def imagereward_reward(images, prompts, metadata=None):
+    """ImageReward v1.0 on its published scale: the standardised reward of ImageReward's
+    score()/inference_rank() (about -2 to 2; not clipped). Reads the prompt, padded and truncated
+    to 35 BERT tokens; the image through CLIP's bicubic resize and centre crop to 224 px."""
+    m = _models("imagereward", _load_imagereward)
+    model, tokenizer = m["model"], m["tokenizer"]
+    dev = _device(model)
+    pixels = clip_pixels(to_pil(images), model.config.vision_config.image_size).to(dev)
+    tokens = tokenizer(list(prompts), padding="max_length", truncation=True, max_length=IMAGEREWARD_MAX_TOKENS,
+                       return_tensors="pt").to(dev)
+    return _scored("imagereward", model(pixels, tokens["input_ids"], tokens["attention_mask"]))
+
+
+@torch.no_grad()
+def hps_reward(images, prompts, metadata=None):
+    """HPS v2.1 on its published scale: the cosine of image and prompt embeddings, as HPSv2's
+    score() reports it (about 0.2-0.35; no logit scale, not clipped). Reads the prompt (77 CLIP
+    tokens, truncated); the image through HPSv2's letterbox to 224 px."""
+    m = _models("hps", _load_hps)
+    model, tokenizer = m["model"], m["tokenizer"]
+    dev = _device(model)
+    pixels = hps_pixels(to_pil(images), model.config.vision_config.image_size).to(dev)
+    # open_clip's tokenizer pads to the context length, and its text tower masks nothing but the
+    # future: under the causal mask the end token never sees the padding, so no padding mask
+    ids = tokenizer(list(prompts), padding="max_length", truncation=True,
+                    max_length=model.config.text_config.max_position_embeddings, return_tensors="pt")["input_ids"]
+    cos = (_embeddings(model.get_image_features(pixel_values=pixels))
+           * _embeddings(model.get_text_features(input_ids=ids.to(dev)))).sum(-1)
+    return _scored("hps", cos)
+
+
+@torch.no_grad()
+def aesthetic_reward(images, prompts=None, metadata=None):
+    """The LAION aesthetic predictor v2 (sac+logos+ava1-l14-linearMSE) on its published 1-10
+    scale: its MLP on the unit-norm CLIP ViT-L/14 image embedding (not clipped). Ignores the
+    prompt; the image through CLIP's bicubic resize and centre crop to 224 px."""
+    m = _models("aesthetic", _load_aesthetic)
+    model, head = m["model"], m["head"]
+    pixels = clip_pixels(to_pil(images), model.config.vision_config.image_size).to(_device(model))
+    return _scored("aesthetic", head(_embeddings(model.get_image_features(pixel_values=pixels))))
+
+
+@torch.no_grad()
+def clipscore_reward(images, prompts, metadata=None):
+    """CLIPScore as Flow-GRPO's clip_scorer.py defines it, its scale: OpenAI CLIP ViT-L/14's
+    logit_scale (100) times the cosine of image and prompt, divided by 30 (about 0.6-1.2; not
+    clipped at 0). info also holds the cosine, from which the other conventions follow (100 x
+    cosine as torchmetrics, 2.5 x max(cosine, 0) as Hessel et al. with ViT-B/32). Reads the prompt
+    (77 tokens, truncated); the image through a bilinear resize and centre crop to 224 px."""
+    m = _models("clipscore", _load_clipscore)
+    model, tokenizer = m["model"], m["tokenizer"]
+    dev = _device(model)
+    pixels = clipscore_pixels(to_pil(images), model.config.vision_config.image_size).to(dev)
+    tokens = tokenizer(list(prompts), padding="max_length", truncation=True,
+                       max_length=model.config.text_config.max_position_embeddings, return_tensors="pt").to(dev)
+    cos = (_embeddings(model.get_image_features(pixel_values=pixels))
+           * _embeddings(model.get_text_features(**tokens))).sum(-1).float().cpu()
+    scores, info = _scored("clipscore", model.logit_scale.exp().float().cpu() * cos / CLIPSCORE_SCALE)
+    for row, c in zip(info, cos.tolist()):
+        row["cosine"] = c
+    return scores, info
+
+# -----------------------------------------------------------------------------
 # registry and combinations
 
 
@@ -522,11 +897,18 @@ REWARDS = {
     "geneval": geneval_reward,
     "geneval_aligned": geneval_aligned_reward,
     "pickscore": pickscore_reward,
+    "imagereward": imagereward_reward,
+    "hps": hps_reward,
+    "aesthetic": aesthetic_reward,
+    "clipscore": clipscore_reward,
     "count": _tiny("count"),
     "text": _tiny("text"),
     "clean": _tiny("clean"),
     "brightness": brightness_reward,
 }
+# the scorers that judge any image (no prompt set of their own), each on its published scale in
+# info[name] (pickscore's score is scaled by 1/26, its info is not)
+METRICS = ("imagereward", "hps", "aesthetic", "clipscore", "pickscore")
 
 
 def get_reward(name):
@@ -548,7 +930,13 @@ def preload(specs):
     geneval = ("geneval", _load_geneval, f"{GENEVAL_DETECTOR_ID} and {GENEVAL_CLIP_ID}")
     loaders = {"ocr": ("ocr", _load_ocr, "RapidOCR's bundled models"),  # reward: (MODELS key, loader, models)
                "geneval": geneval, "geneval_aligned": geneval,
-               "pickscore": ("pickscore", _load_pickscore, f"{PICKSCORE_MODEL_ID} and {PICKSCORE_PROCESSOR_ID}")}
+               "pickscore": ("pickscore", _load_pickscore, f"{PICKSCORE_MODEL_ID} and {PICKSCORE_PROCESSOR_ID}"),
+               "imagereward": ("imagereward", _load_imagereward,
+                               f"{IMAGEREWARD_MODEL_ID} ({IMAGEREWARD_FILE}) and {IMAGEREWARD_TOKENIZER_ID}"),
+               "hps": ("hps", _load_hps, f"{HPS_MODEL_ID} ({HPS_FILE}) and {HPS_CLIP_ID}"),
+               "aesthetic": ("aesthetic", _load_aesthetic,
+                             f"{AESTHETIC_CLIP_ID} and {AESTHETIC_HEAD_ID} ({AESTHETIC_HEAD_FILE})"),
+               "clipscore": ("clipscore", _load_clipscore, CLIPSCORE_MODEL_ID)}
     names = [item.partition(":")[0].strip() for spec in specs for item in spec.split(",")]
     for name in dict.fromkeys(filter(None, names)):
         get_reward(name)
