@@ -913,7 +913,12 @@ METRICS = ("imagereward", "hps", "aesthetic", "clipscore", "pickscore")
 
 def get_reward(name):
     if name not in REWARDS:
-        raise ValueError(f"unknown reward {name!r}; valid rewards: {', '.join(sorted(REWARDS))}")
+        # listed apart: on their published scales, not [0, 1] (pickscore's score is), they weigh
+        # differently in a spec
+        metrics = [m for m in METRICS if m != "pickscore"]
+        raise ValueError(f"unknown reward {name!r}; valid rewards: "
+                         f"{', '.join(sorted(set(REWARDS) - set(metrics)))}; "
+                         f"quality metrics on their published scales: {', '.join(sorted(metrics))}")
     return REWARDS[name]
 
 
@@ -951,9 +956,10 @@ def preload(specs):
 
 def parse_reward_spec(spec):
     """A reward from "name" or "name:weight,name:weight,...": the weighted sum of the scores
-    (in [0, 1] when the weights are non-negative and sum to at most 1, and no part is `geneval`). Each image's info holds
-    every part's info (with its score) under the part's name; "strict" is the AND of the
-    parts' strict verdicts, present when any part gives one."""
+    (in [0, 1] when the weights are non-negative and sum to at most 1, and no part is `geneval`
+    or one of the quality metrics on its own scale). Each image's info holds every part's info
+    (with its score) under the part's name; "strict" is the AND of the parts' strict verdicts,
+    present when any part gives one."""
     parts = []
     for item in spec.split(","):
         name, _, weight = item.strip().partition(":")
