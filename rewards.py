@@ -659,8 +659,9 @@ class ImageRewardModel(torch.nn.Module):
 
 
 def imagereward_config():
+    """ImageReward's BLIP (BlipConfig also sets the text's cross-attention width to the ViT's)."""
     from transformers import BlipConfig
-    return BlipConfig(vision_config=IMAGEREWARD_VISION, text_config=IMAGEREWARD_TEXT)  # sets the cross-attention width
+    return BlipConfig(vision_config=IMAGEREWARD_VISION, text_config=IMAGEREWARD_TEXT)
 
 
 # BLIP's timm-style ViT names -> transformers' BlipVisionModel names
@@ -858,7 +859,7 @@ def aesthetic_reward(images, prompts=None, metadata=None):
 @torch.no_grad()
 def clipscore_reward(images, prompts, metadata=None):
     """CLIPScore as Flow-GRPO's clip_scorer.py defines it, its scale: OpenAI CLIP ViT-L/14's
-    logit_scale (100) times the cosine of image and prompt, divided by 30 (about 0.6-1.2; not
+    logit_scale (100) times the cosine of image and prompt, divided by 30 (about 0.7-1.2; not
     clipped at 0). info also holds the cosine, from which the other conventions follow (100 x
     cosine as torchmetrics, 2.5 x max(cosine, 0) as Hessel et al. with ViT-B/32). Reads the prompt
     (77 tokens, truncated); the image through a bilinear resize and centre crop to 224 px."""

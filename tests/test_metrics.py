@@ -49,15 +49,16 @@ def random_head_state(width, seed=0):
     return state
 
 
-def tiny_bert_tokenizer(tmp_path):
+def tiny_bert_tokenizer(tmp_path, blip_tokens=True):
     """bert-base-uncased's kind of tokenizer (WordPiece, lower case) from a vocab written here,
-    with BLIP's [DEC] and [ENC] added as ImageReward's loader adds them."""
+    with BLIP's [DEC] and [ENC] added as ImageReward's loader adds them (or not, as the hub has it)."""
     from transformers import BertTokenizer
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "dog", "two", "cats", "on", "mat",
              "hello", "blue", "sky", "photo", "of", "the"]
     (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
     tokenizer = BertTokenizer.from_pretrained(str(tmp_path))
-    tokenizer.add_tokens(["[DEC]", "[ENC]"], special_tokens=True)
+    if blip_tokens:
+        tokenizer.add_tokens(["[DEC]", "[ENC]"], special_tokens=True)
     return tokenizer
 
 
@@ -144,7 +145,8 @@ def blip_vit_by_hand(state, pixels, config):
         qkv = F.linear(y, p[k + "attn.qkv.weight"], p[k + "attn.qkv.bias"])
         q, kk, vv = qkv.reshape(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
         attn = ((q @ kk.transpose(-2, -1)) * (d // heads) ** -0.5).softmax(dim=-1)
-        x = x + F.linear((attn @ vv).transpose(1, 2).reshape(b, n, d), p[k + "attn.proj.weight"], p[k + "attn.proj.bias"])
+        heads_out = (attn @ vv).transpose(1, 2).reshape(b, n, d)
+        x = x + F.linear(heads_out, p[k + "attn.proj.weight"], p[k + "attn.proj.bias"])
         y = F.layer_norm(x, (d,), p[k + "norm2.weight"], p[k + "norm2.bias"], eps=1e-6)
         x = x + F.linear(F.gelu(F.linear(y, p[k + "mlp.fc1.weight"], p[k + "mlp.fc1.bias"])),
                          p[k + "mlp.fc2.weight"], p[k + "mlp.fc2.bias"])
@@ -328,7 +330,7 @@ def tiny_imagereward(tmp_path, monkeypatch):
 def test_imagereward_scores_from_parts(tiny_imagereward):
     model, tokenizer = tiny_imagereward
     images = noise_images(3, size=40, seed=2)
-    long = " ".join(["a red dog on the mat"] * 8)  # 48 words: ImageReward reads the first 33 (35 with [CLS] and [SEP])
+    long = " ".join(["a red dog on the mat"] * 8)  # 48 words: read to 33, 35 tokens with [CLS] and [SEP]
     prompts = PROMPTS[:2] + [long]
     scores, info = rewards.get_reward("imagereward")(images, prompts)
     state = model.state_dict()
@@ -468,7 +470,8 @@ def test_open_clip_checkpoint_converts_strictly_and_runs_as_open_clip(tmp_path):
     ids = tokenizer(PROMPTS[:2], padding="max_length", max_length=77, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         image, text = open_clip_by_hand(original, pixels, ids, config)
-        assert torch.allclose(rewards._embeddings(model.get_image_features(pixel_values=pixels)), unit(image), atol=1e-5)
+        got = rewards._embeddings(model.get_image_features(pixel_values=pixels))
+        assert torch.allclose(got, unit(image), atol=1e-5)
         assert torch.allclose(rewards._embeddings(model.get_text_features(input_ids=ids)), unit(text), atol=1e-5)
     # the q rows of the packed projection are q_proj's, the projections are transposed
     packed = original["visual.transformer.resblocks.1.attn.in_proj_weight"]
@@ -480,47 +483,56 @@ def test_open_clip_checkpoint_converts_strictly_and_runs_as_open_clip(tmp_path):
 
 def test_loaders_build_float32_eval_models_from_the_checkpoints(tmp_path, monkeypatch):
     """The loaders on tiny stand-ins for the hub: ImageReward.pt and HPSv2's checkpoint (in
-    half precision) become float32 eval models giving the original forward; HPS runs exact GELU
-    whatever the config says; aesthetic and clipscore share one CLIP ViT-L/14."""
+    half precision) become float32 eval models giving the original forward (built on empty
+    weights: every tensor must come from the checkpoint); HPS runs exact GELU whatever the config
+    says; BLIP's tokens are added; aesthetic and clipscore share one CLIP ViT-L/14."""
     import transformers
-    tokenizer = tiny_bert_tokenizer(tmp_path)
-    blip = tiny_blip_config(len(tokenizer))
+    bare = tiny_bert_tokenizer(tmp_path, blip_tokens=False)  # bert-base-uncased as the hub has it
+    blip = tiny_blip_config(len(bare) + 2)
     (tmp_path / "clip").mkdir(), (tmp_path / "l14").mkdir()
-    _, processor = tiny_clip(tmp_path / "clip")
-    clip_config = tiny_gelu_clip_config(len(processor.tokenizer), processor.tokenizer.eos_token_id)
-    quick = tiny_gelu_clip_config(len(processor.tokenizer), processor.tokenizer.eos_token_id)
-    for tower in (quick.text_config, quick.vision_config):
-        tower.hidden_act = "quick_gelu"  # transformers' CLIP default
-    half = lambda s: {k: x.half() if x.is_floating_point() else x for k, x in s.items()}
-    ir_state, oc_state = half(original_imagereward_state(blip)), half(original_open_clip_state(clip_config))
-    files = {(rewards.IMAGEREWARD_MODEL_ID, rewards.IMAGEREWARD_FILE): ir_state,
-             (rewards.HPS_MODEL_ID, rewards.HPS_FILE): {"state_dict": oc_state},
-             (rewards.AESTHETIC_HEAD_ID, rewards.AESTHETIC_HEAD_FILE): random_head_state(16)}
+    clip_tokenizer = tiny_clip(tmp_path / "clip")[1].tokenizer
+    clip_config = tiny_gelu_clip_config(len(clip_tokenizer), clip_tokenizer.eos_token_id)
+    hub_config = tiny_gelu_clip_config(len(clip_tokenizer), clip_tokenizer.eos_token_id)
+    for tower in (hub_config.text_config, hub_config.vision_config):
+        tower.hidden_act = "quick_gelu"  # transformers' CLIP default, wrong for open_clip's ViT-H-14
+    half = lambda state: {k: x.half() if x.is_floating_point() else x for k, x in state.items()}
+    ir_state, oc_state, head_state = original_imagereward_state(blip), original_open_clip_state(clip_config), \
+        random_head_state(16)
+    files = {(rewards.IMAGEREWARD_MODEL_ID, rewards.IMAGEREWARD_FILE): half(ir_state),
+             (rewards.HPS_MODEL_ID, rewards.HPS_FILE): {"state_dict": half(oc_state)},
+             (rewards.AESTHETIC_HEAD_ID, rewards.AESTHETIC_HEAD_FILE): head_state}
     monkeypatch.setattr(rewards, "_hub_checkpoint", lambda repo, name: files[(repo, name)])
     monkeypatch.setattr(rewards, "imagereward_config", lambda: blip)
-    monkeypatch.setattr(transformers.BertTokenizer, "from_pretrained", lambda name, **kw: tokenizer)
-    monkeypatch.setattr(transformers.CLIPConfig, "from_pretrained", lambda name, **kw: quick)
-    monkeypatch.setattr(transformers.CLIPTokenizer, "from_pretrained", lambda name, **kw: processor.tokenizer)
+    monkeypatch.setattr(transformers.BertTokenizer, "from_pretrained", lambda name, **kw: bare)
+    monkeypatch.setattr(transformers.CLIPConfig, "from_pretrained", lambda name, **kw: hub_config)
+    monkeypatch.setattr(transformers.CLIPTokenizer, "from_pretrained", lambda name, **kw: clip_tokenizer)
     clip_loads = []
     monkeypatch.setattr(rewards, "_load_clip_l14", lambda: clip_loads.append(1) or {
-        "model": tiny_clip(tmp_path / "l14")[0], "tokenizer": processor.tokenizer})
+        "model": tiny_clip(tmp_path / "l14")[0], "tokenizer": clip_tokenizer})
     for key in ("imagereward", "hps", "aesthetic", "clipscore", "clip_l14"):
         monkeypatch.delitem(rewards.MODELS, key, raising=False)
     rewards.preload(["imagereward,hps", "aesthetic:0.5,clipscore:0.5"])
-    for key in ("imagereward", "hps", "aesthetic"):
-        model = rewards.MODELS[key]["head" if key == "aesthetic" else "model"]
-        assert not model.training and {p.dtype for p in model.parameters()} == {torch.float32}
+    loaded = {key: rewards.MODELS[key] for key in ("imagereward", "hps", "aesthetic", "clipscore")}
+    for module in (loaded["imagereward"]["model"], loaded["hps"]["model"], loaded["aesthetic"]["head"]):
+        assert not module.training and {p.dtype for p in module.parameters()} == {torch.float32}
+    # BLIP's init_tokenizer: [DEC] and [ENC] after the 18 words, ids 18 and 19 here (30522, 30523 in BERT)
+    assert loaded["imagereward"]["tokenizer"].convert_tokens_to_ids(["[DEC]", "[ENC]"]) == [18, 19]
     pixels = torch.randn(2, 3, 32, 32)
+    to32 = lambda state: {k: x.half().float() if x.is_floating_point() else x for k, x in state.items()}
+    reference = rewards.ImageRewardModel(blip).eval()  # built and loaded the ordinary way
+    reference.load_state_dict(rewards.imagereward_state_dict(to32(ir_state)))
+    tokens = bare(["a red dog", "two cats"], padding="max_length", max_length=35, return_tensors="pt")
+    ids = clip_tokenizer(PROMPTS[:2], padding="max_length", max_length=77, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        vit = rewards.MODELS["imagereward"]["model"].vision_model(pixel_values=pixels).last_hidden_state
-        f32 = {k: x.float() for k, x in ir_state.items()}
-        assert torch.allclose(vit, blip_vit_by_hand(f32, pixels, blip), atol=1e-5)
-        hps = rewards.MODELS["hps"]["model"]
-        image, _ = open_clip_by_hand({k: x.float() for k, x in oc_state.items()}, pixels, torch.zeros(1, 77, dtype=torch.long), clip_config)
-        assert torch.allclose(rewards._embeddings(hps.get_image_features(pixel_values=pixels)), unit(image), atol=1e-5)
-    assert len(rewards.MODELS["imagereward"]["tokenizer"]) == len(tokenizer)  # [DEC], [ENC] added once, by the loader
-    assert clip_loads == [1] and rewards.MODELS["aesthetic"]["model"] is rewards.MODELS["clipscore"]["model"]
-    assert torch.equal(rewards.MODELS["aesthetic"]["head"].layers[7].bias, files[(rewards.AESTHETIC_HEAD_ID, rewards.AESTHETIC_HEAD_FILE)]["layers.7.bias"])
+        got = loaded["imagereward"]["model"](pixels, tokens["input_ids"], tokens["attention_mask"])
+        assert torch.allclose(got, reference(pixels, tokens["input_ids"], tokens["attention_mask"]), atol=1e-5)
+        hps = loaded["hps"]["model"]
+        image, text = open_clip_by_hand(to32(oc_state), pixels, ids, clip_config)
+        got = rewards._embeddings(hps.get_image_features(pixel_values=pixels))
+        assert torch.allclose(got, unit(image), atol=1e-5)
+        assert torch.allclose(rewards._embeddings(hps.get_text_features(input_ids=ids)), unit(text), atol=1e-5)
+    assert clip_loads == [1] and loaded["aesthetic"]["model"] is loaded["clipscore"]["model"]
+    assert torch.equal(loaded["aesthetic"]["head"].layers[7].bias, head_state["layers.7.bias"])
 
 # -----------------------------------------------------------------------------
 # registry and start-up
