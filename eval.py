@@ -55,7 +55,7 @@ import scoring
 import tinyworld
 from lora import is_full_weights, load_teacher, read_lora
 from prompts import BUILTIN, TINY_TASKS, load_prompts
-from rewards import get_reward, preload, set_device
+from rewards import REWARDS, get_reward, preload, set_device
 from scoring import SEED_STRIDE
 from sde_sampler import BASE, cache_prompts, load_policy, resolve_model
 
@@ -64,11 +64,16 @@ from sde_sampler import BASE, cache_prompts, load_policy, resolve_model
 DEFAULTS = dict(
     model="",                        # hub id or pipeline folder; empty: SD3.5-Medium (or the preset's base)
     ckpt=["base"],                   # base | NAME=PATH | PATH (named by its stem), several allowed
-    tasks="geneval,ocr,pickscore",   # each scored by its own reward; pickscore scores every other task's images
+    tasks="geneval,ocr,pickscore",   # each scored by its own reward; pickscore scores every other task's images;
+                                     # a NAME with --prompts NAME=FILE and no reward of that name (drawbench) is
+                                     # a prompt set that only the --metrics score
+    metrics="",                      # scorers of every image, on their published scales, over all prompt sets
+                                     # and per set: imagereward,hps,aesthetic,clipscore,pickscore (rewards.METRICS)
     prompts=[],                      # TASK=FILE: a prompt file (prompts.py formats) instead of the built-in set
     split="test",
     num_prompts=0,                   # prompts per task, the first N of the set; 0: all
-    images_per_prompt=1,             # samples per prompt, each from its own noise (GenEval's protocol: 4)
+    images_per_prompt="1",           # samples per prompt, each from its own noise: K for every task, or
+                                     # TASK=K,... (the others 1); GenEval's protocol: geneval=4
     out="runs/eval",
     cache_dir="",                    # generated images, by content key; empty: OUT/cache
     resolution=512,
@@ -167,16 +172,33 @@ def cache_key(model_id, ckpt_id, row, settings):
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def eval_rows(tasks, split, num_prompts, files, seed, images_per_prompt=1):
+def parse_images_per_prompt(spec, tasks):
+    """"4" -> {task: 4} for every task; "geneval=4" -> GenEval 4, the others 1; "2,geneval=4"."""
+    default, per = 1, {}
+    for item in filter(None, (x.strip() for x in str(spec).split(","))):
+        name, sep, value = item.rpartition("=")
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"--images_per_prompt {item!r}: the number of images must be a whole number >= 1")
+        if sep and name not in tasks:
+            raise ValueError(f"--images_per_prompt {item!r}: {name!r} is not one of --tasks ({', '.join(tasks)})")
+        per[name] = int(value) if sep else per.get(name, 0)
+        default = default if sep else int(value)
+    return {t: per.get(t) or default for t in tasks}
+
+
+def eval_rows(tasks, split, num_prompts, files, seed, images_per_prompt=None, metrics=()):
     """The rows to sample, one per image (the tasks that have prompts, in order, each cut to
     num_prompts, with scoring.seeded_jobs' seeds: image j of the task's i-th prompt from seed + i +
-    SEED_STRIDE * j) and, per task, the indices of the rows its reward scores."""
-    rows, plan = [], {}
+    SEED_STRIDE * j; images_per_prompt: {task: images}, default 1) and, per reward and then per
+    metric, the indices of the rows it scores: a reward its own task's rows (a reward without
+    prompts, every row), a metric every row. A task that is only a prompt set (a file and no
+    reward of its name) is sampled and scored by the metrics alone."""
+    rows, plan, images_per_prompt = [], {}, images_per_prompt or {}
     own = [t for t in tasks if t in files or t in BUILTIN or t in TINY_TASKS]
     for task in own:
         prompts = load_prompts(task, split, files.get(task))
         prompts = prompts[:num_prompts] if num_prompts else prompts
-        part = scoring.seeded_jobs(prompts, seed, images_per_prompt)
+        part = scoring.seeded_jobs(prompts, seed, images_per_prompt.get(task, 1))
         plan[task] = list(range(len(rows), len(rows) + len(part)))
         rows += part
     for task in tasks:
@@ -185,7 +207,8 @@ def eval_rows(tasks, split, num_prompts, files, seed, images_per_prompt=1):
                 raise ValueError(f"task {task!r} has no built-in prompts: pass --prompts {task}=FILE, or evaluate "
                                  "it together with a task that has prompts (it then scores their images)")
             plan[task] = list(range(len(rows)))
-    return rows, {t: plan[t] for t in tasks}
+    scored = [t for t in tasks if t in REWARDS] + list(metrics)
+    return rows, {t: plan.get(t, list(range(len(rows)))) for t in scored}
 
 
 # -----------------------------------------------------------------------------
@@ -221,8 +244,13 @@ def results_table(results, cfg, n_rows):
     """Markdown: one row per checkpoint, one column per task and the average of the task means.
     n_rows: {task: prompts}."""
     tasks = list(next(iter(results.values())))
-    k = cfg.get("images_per_prompt", 1)
-    images = (f"; {k} images per prompt, the j-th from seed + i + {SEED_STRIDE:,} j" if k > 1 else "")
+    metrics = [m for m in cfg.get("metrics", "").split(",") if m in tasks]
+    rewards = [t for t in tasks if t not in metrics] or tasks  # the average is over the rewards' [0, 1] scales
+    per_task = cfg.get("images_by_task") or {t: int(cfg.get("images_per_prompt", 1)) for t in tasks}
+    counts = sorted(set(per_task.values()))
+    images = ("" if counts == [1] else f"; {counts[0]} images per prompt" if len(counts) == 1 else
+              "; images per prompt " + ", ".join(f"{t} {k}" for t, k in per_task.items()))
+    images += f", the j-th from seed + i + {SEED_STRIDE:,} j" if images else ""
     shown = {t: [f"{r[t]['mean']:.3f}" for r in results.values()] for t in tasks}
     best = {t: max(v, key=float) if len(set(v)) > 1 else None for t, v in shown.items()}
     model = cfg["model"]  # a folder under the working directory is shown relative: results.md gets shipped
@@ -241,7 +269,7 @@ def results_table(results, cfg, n_rows):
             cell = (f"{res[t]['mean']:.3f}" + (f" ±{res[t]['se']:.3f}" if "se" in res[t] else "")
                     + (f" ({res[t]['strict']:.3f})" if "strict" in res[t] else ""))
             cells.append(f"**{cell}**" if f"{res[t]['mean']:.3f}" == best[t] else cell)
-        avg = sum(res[t]["mean"] for t in tasks) / len(tasks)
+        avg = sum(res[t]["mean"] for t in rewards) / len(rewards)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {avg:.3f} |")
     groups = seed_groups(results)
     if groups:
@@ -249,7 +277,7 @@ def results_table(results, cfg, n_rows):
                   "| --- | " + " | ".join("---:" for _ in tasks) + " | ---: |"]
         for prefix, names in groups.items():
             runs = [{**{t: results[n][t]["mean"] for t in tasks},
-                     "average": sum(results[n][t]["mean"] for t in tasks) / len(tasks)} for n in names]
+                     "average": sum(results[n][t]["mean"] for t in rewards) / len(rewards)} for n in names]
             cells = [f"{sum(v) / len(v):.3f} [{min(v):.3f}-{max(v):.3f}]"
                      for v in ([r[k] for r in runs] for k in [*tasks, "average"])]
             lines.append(f"| {prefix} ({len(names)} seeds) | " + " | ".join(cells) + " |")
@@ -274,7 +302,9 @@ def results_table(results, cfg, n_rows):
               "prompt's images averaged first), with its strict pass rate in parentheses "
               "where the task has one (exact OCR match; for GenEval its overall score, the mean of its "
               "per-tag accuracies as GenEval's summary_scores.py reports it, per tag below); best mean in bold. "
-              "pickscore is PickScore / 26. average: the mean of the task means.", ""]
+              "pickscore is PickScore / 26. average: the mean of the task means"
+              + (f" (not of the metrics, {', '.join(metrics)}: each on its published scale, over every image, "
+                 "per prompt set below)" if metrics else "") + ".", ""]
     failed = [f"{name} {t} {res[t]['failed']}" for name, res in results.items() for t in tasks if res[t].get("failed")]
     if failed:
         lines += ["Images the OCR engine failed on, scored 0 (checkpoint, task, images): " + ", ".join(failed) + ".", ""]
@@ -282,14 +312,24 @@ def results_table(results, cfg, n_rows):
         tags = list(dict.fromkeys(tag for r in results.values() for tag in r[t].get("tags", {})))
         if not tags:
             continue
-        n = {tag: next(r[t]["tags"][tag]["n"] for r in results.values() if tag in r[t].get("tags", {})) // k
-             for tag in tags}
+        n = {tag: next(r[t]["tags"][tag]["n"] for r in results.values() if tag in r[t].get("tags", {}))
+                  // per_task.get(t, 1) for tag in tags}
         lines += [f"`{t}` per prompt tag (mean, strict pass rate in parentheses):", "",
                   "| checkpoint | " + " | ".join(f"{tag} ({n[tag]})" for tag in tags) + " |",
                   "| --- | " + " | ".join("---:" for _ in tags) + " |"]
         for name, res in results.items():
             cells = [(f"{c['mean']:.3f}" + (f" ({c['strict']:.3f})" if "strict" in c else "")) if c else ""
                      for c in (res[t].get("tags", {}).get(tag) for tag in tags)]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for t in metrics:  # a metric per prompt set (the paper reads PickScore on its own prompts, DeQA on DrawBench)
+        sets = list(dict.fromkeys(s for r in results.values() for s in r[t].get("sets", {})))
+        if not sets:
+            continue
+        lines += [f"`{t}` per prompt set (mean ± standard error over prompts):", "",
+                  "| checkpoint | " + " | ".join(sets) + " |", "| --- | " + " | ".join("---:" for _ in sets) + " |"]
+        for name, res in results.items():
+            cells = [f"{c['mean']:.3f} ±{c['se']:.3f}" if c else "" for c in (res[t]["sets"].get(s) for s in sets)]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -308,14 +348,20 @@ def main(argv=None):
     master = rank == 0
     with common.startup_errors():
         tasks = list(dict.fromkeys(t.strip() for t in cfg["tasks"].split(",") if t.strip()))
+        metrics = scoring.metric_names(cfg["metrics"])
         if not tasks:
             raise ValueError("--tasks is empty")
-        for t in tasks:
-            get_reward(t)
+        for m in metrics:
+            if m in tasks:
+                raise ValueError(f"{m!r} is both a task and a metric: name it in --tasks (a reward, on its training "
+                                 "scale) or in --metrics (on its published scale, per prompt set), not both")
         files = common.parse_prompt_files(cfg["prompts"], tasks)
-        if cfg["images_per_prompt"] < 1:
-            raise ValueError(f"--images_per_prompt must be at least 1, got {cfg['images_per_prompt']}")
-        rows, plan = eval_rows(tasks, cfg["split"], cfg["num_prompts"], files, cfg["seed"], cfg["images_per_prompt"])
+        for t in tasks:
+            if t not in files or t in REWARDS or not metrics:  # else a prompt set that only the metrics score
+                get_reward(t)
+        cfg["images_by_task"] = parse_images_per_prompt(cfg["images_per_prompt"], tasks)
+        rows, plan = eval_rows(tasks, cfg["split"], cfg["num_prompts"], files, cfg["seed"], cfg["images_by_task"],
+                               metrics)
         ckpts = parse_checkpoints(cfg["ckpt"])
         if cfg["vs"] and cfg["vs"] not in ckpts:
             raise ValueError(f"--vs {cfg['vs']!r} is not one of this eval's checkpoints ({', '.join(ckpts)})")
@@ -332,7 +378,7 @@ def main(argv=None):
         cfg["guidance_by_ckpt"] = {name: cfg["guidance"] if given else recorded_guidance(source) or cfg["guidance"]
                                    for name, source in ckpts.items()}
         cfg["model"] = resolve_model(cfg["model"], cfg["preset"])
-        preload(tasks)  # the rewards' hub models, now: offline or gated fails here, in one line
+        preload(list(plan))  # the rewards' and metrics' hub models, now: offline or gated fails here, in one line
         if cfg["batch_size"] < 1 or cfg["grid_prompts"] < 0:
             raise ValueError("--batch_size must be at least 1 and --grid_prompts at least 0")
     out = Path(cfg["out"])
@@ -363,32 +409,35 @@ def main(argv=None):
         cache_prompts(policy, [r["prompt"] for r in rows])
     grid_rows = {t: idx[: cfg["grid_prompts"]] for t, idx in plan.items()}
     show = set(i for idx in grid_rows.values() for i in idx)
-    k = cfg["images_per_prompt"]
+    scored = list(plan)  # the rewards, then the metrics
+    sets = list(dict.fromkeys(r["task"] for r in rows))  # the prompt sets, each with its images per prompt
+    n_prompts = {t: len({(rows[i]["task"], rows[i]["row"]) for i in plan[t]}) for t in scored}
     if master:
         out.mkdir(parents=True, exist_ok=True)
         cached = len(ckpts) * len(rows) - missing
         print(f"{len(ckpts)} checkpoint(s) [{', '.join(ckpts)}] x {len(rows)} images ("
-              + ", ".join(f"{t} {len(plan[t]) // k} prompts" for t in tasks) + f", {k} image(s) each) = "
+              + ", ".join(f"{t} {sum(r['task'] == t for r in rows) // cfg['images_by_task'][t]} prompts x "
+                          f"{cfg['images_by_task'][t]}" for t in sets) + ") = "
               f"{len(ckpts) * len(rows)} images, "
               f"{cached} already in {cache}; the rest in batches of {cfg['batch_size']} per rank over {world} "
               f"rank(s); {cfg['eval_steps']} ODE steps, {guidance_text(guidance)}, {policy.resolution} px")
         common.write_json(out / "config.json", {**cfg, "fingerprints": fingerprints, "model_fingerprint": model_id})
 
-    results, details, grids, per_prompt = {}, [], {t: {} for t in tasks}, {}
+    results, details, grids, per_prompt = {}, [], {t: {} for t in scored}, {}
     for name, adapter in adapters.items():
         images, generated = scoring.sample_images(policy, rows, cfg["eval_steps"], guidance[name], cfg["batch_size"],
                                                  adapter, cache=paths[name], desc=name if master else None)
-        records = scoring.score_images(rows, images, plan, cfg["batch_size"])
+        records = scoring.score_images(rows, images, plan, cfg["batch_size"], metrics)
         shown = {i: images[i] for i in show if i in images}
         parts = common.all_gather_objects((records, shown, generated))
         if not master:
             continue
-        records = sorted((r for p in parts for r in p[0]), key=lambda r: (tasks.index(r["task"]), r["job"]))
+        records = sorted((r for p in parts for r in p[0]), key=lambda r: (scored.index(r["task"]), r["job"]))
         shown = {i: im for p in parts for i, im in p[1].items()}
         results[name] = scoring.summarise(records, rows)
         per_prompt[name] = prompt_scores(records, rows)
         by_key = {(r["task"], r["job"]): r["score"] for r in records}
-        for t in tasks:
+        for t in scored:
             grids[t][name] = [(shown[i], by_key[(t, i)]) for i in grid_rows[t]]
         for r in records:
             row, info = rows[r["job"]], r["info"]
@@ -410,16 +459,16 @@ def main(argv=None):
         if cfg["vs"]:  # the same prompts and noise: the noise the two share cancels out of the change
             ref = per_prompt[cfg["vs"]]
             for name in (n for n in results if n != cfg["vs"]):
-                for t in tasks:
+                for t in scored:
                     change, se = scoring.paired_change(per_prompt[name][t], ref[t])
                     results[name][t]["vs"] = {"ckpt": cfg["vs"], "change": change, "se": se}
         common.write_json(out / "results.json", results)
-        table = results_table(results, cfg, {t: len(plan[t]) // k for t in tasks})
+        table = results_table(results, cfg, n_prompts)
         (out / "results.md").write_text(table)
         with open(out / "details.jsonl", "w") as f:
             for d in details:
                 f.write(json.dumps(d, default=_json_default) + "\n")
-        for t in tasks:
+        for t in scored:
             if grid_rows[t]:
                 cells = [grids[t][name][r] for r in range(len(grid_rows[t])) for name in ckpts]
                 scoring.image_grid([im for im, _ in cells], len(ckpts), [rows[i]["prompt"] for i in grid_rows[t]],

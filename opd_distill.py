@@ -110,6 +110,7 @@ DEFAULTS = dict(
     max_steps=500,
     eval_every=50,
     eval_tasks="",             # empty: the teachers' tasks
+    metrics="",                # quality metrics on every eval image too: imagereward,hps,aesthetic,clipscore,pickscore
     eval_prompts=64,
     eval_images=1,             # images per eval prompt, each from its own noise (the tiny preset: 4)
     save_every=50,
@@ -229,7 +230,7 @@ def distill_micro_batch(policy, prompts, routed, anchor, sigmas, trained_steps, 
     carry the anchor KL (None: all). label_guidance: the CFG scale of each label row (the routed
     teachers', then the anchor's); None: the rollout's. Returns the per-sample KLs to the routed
     teacher, (B, trained_steps), and to the anchor, (len(mar_rows), trained_steps)."""
-    bs, student_guidance = len(prompts), cfg["student_guidance"] or cfg["guidance"]
+    bs, student_guidance = len(prompts), cfg.get("student_guidance") or cfg["guidance"]
     cond = encode(policy, prompts)
     anchored = (list(range(bs)) if mar_rows is None else list(mar_rows)) if cfg["beta_mar"] else []
     names = routed + [anchor] * len(anchored)  # one label forward: the routed teachers, then the anchor
@@ -309,7 +310,8 @@ def main(argv=None):
         out = Path(cfg["out"])
         resume_from = common.prepare_out(out, cfg["resume"])
         cfg["model"] = resolve_model(cfg["model"], cfg["preset"])
-        preload(eval_tasks if cfg["eval_every"] else [])  # the eval rewards' hub models, now
+        metrics = scoring.metric_names(cfg["metrics"])
+        preload(eval_tasks + metrics if cfg["eval_every"] else [])  # the eval rewards' and metrics' hub models, now
         if device.type == "cuda":  # the estimated peak against the free memory, before any weight moves there
             free = torch.cuda.mem_get_info(device)[0]
             estimate.startup_check("opd", cfg, cfg["model"], free, distill_micro_batch, world,

@@ -281,12 +281,13 @@ def held_out_note(path):
 
 
 def spread(rows, n):
-    """n rows evenly spaced over `rows` (all of them if n is 0 or too large). Periodic evals use
-    it instead of a prefix, since a set grouped by tag (tiny count: single, counting, two-object,
-    position) would be judged on its easy tags only."""
-    if not n or n >= len(rows):
-        return list(rows)
-    return [rows[i * len(rows) // n] for i in range(n)]
+    """n rows evenly spaced over `rows` (all of them if n is 0 or too large), each with "index",
+    its place in `rows`. Periodic evals use it instead of a prefix, since a set grouped by tag
+    (tiny count: single, counting, two-object, position) would be judged on its easy tags only;
+    the index seeds a prompt's noise as eval.py seeds it (scoring.seeded_jobs), so a prompt both
+    score is sampled from the same noise in both."""
+    picked = range(len(rows)) if not n or n >= len(rows) else [i * len(rows) // n for i in range(n)]
+    return [{**rows[k], "index": k} for k in picked]
 
 
 def load_prompts(task, split, path=None):

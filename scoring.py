@@ -75,9 +75,16 @@ SEED_STRIDE = 1_000_000  # image j of a prompt starts from the noise seed of its
 
 def seeded_jobs(rows, seed=0, images_per_prompt=1):
     """One job per image to sample: row i's image j, the row's fields plus "row": i and "seed":
-    seed + i + SEED_STRIDE * j. All rows' image 0 come first, so a run with fewer prompts or
-    fewer images per prompt sees exactly a subset of the images of a larger one."""
-    return [{**row, "row": i, "seed": seed + i + SEED_STRIDE * j}
+    seed + k + SEED_STRIDE * j, with k the prompt's place in its task's set: its "index" where
+    prompts.spread picked it (the periodic evals), else its place among this task's rows (eval.py
+    passes a task's prompts from the first on). A prompt is so sampled from the same noise by a
+    training run's evals and by eval.py. All rows' image 0 come first, so a run with fewer prompts
+    or fewer images per prompt sees exactly a subset of the images of a larger one."""
+    place, seen = [], {}
+    for row in rows:
+        place.append(row.get("index", seen.get(row.get("task"), 0)))
+        seen[row.get("task")] = seen.get(row.get("task"), 0) + 1
+    return [{**row, "row": i, "seed": seed + place[i] + SEED_STRIDE * j}
             for j in range(images_per_prompt) for i, row in enumerate(rows)]
 
 
@@ -108,10 +115,12 @@ def sample_images(policy, jobs, num_steps, guidance, batch_size, adapter=None, c
     return images, len(todo)
 
 
-def score_images(jobs, images, plan=None, batch_size=64):
+def score_images(jobs, images, plan=None, batch_size=64, metrics=()):
     """Every task's reward on the images this rank holds: [{"job", "task", "score", "info"}].
     plan: {task: job indices it scores}; by default every job is scored by its own task (a task
-    with no prompts of its own, like pickscore, is given the other tasks' jobs)."""
+    with no prompts of its own, like pickscore, is given the other tasks' jobs). A task named in
+    metrics keeps its published value, info[task] where the reward records one (PickScore's raw
+    score; as a reward it is divided by 26)."""
     from rewards import get_reward
     if plan is None:
         plan = {}
@@ -124,7 +133,7 @@ def score_images(jobs, images, plan=None, batch_size=64):
             chunk = mine[k:k + batch_size]
             scores, info = get_reward(task)([images[i] for i in chunk], [jobs[i]["prompt"] for i in chunk],
                                             [jobs[i]["metadata"] for i in chunk])
-            records += [{"job": i, "task": task, "score": s, "info": inf}
+            records += [{"job": i, "task": task, "score": inf.get(task, s) if task in metrics else s, "info": inf}
                         for i, s, inf in zip(chunk, scores.tolist(), info)]
     return records
 
@@ -153,7 +162,8 @@ def summarise(records, jobs):
     counting learned while position did not). For a GenEval reward (rewards.GENEVAL_REWARDS)
     "strict" is GenEval's overall score as its summary_scores.py computes it, the mean of the
     per-tag pass rates, and "strict_pooled" the pass rate over all images, which weighs a tag by
-    its number of images."""
+    its number of images. "sets": the same per prompt set, where a task scores several (pickscore
+    and the eval metrics score every set's images)."""
     from rewards import GENEVAL_REWARDS
     out = {}
     for task in dict.fromkeys(r["task"] for r in records):
@@ -164,6 +174,11 @@ def summarise(records, jobs):
             job = jobs[r["job"]]
             if job["task"] == task and (tag := (job.get("metadata") or {}).get("tag")) is not None:
                 tags.setdefault(tag, []).append(r)
+        sets = {}  # a reward or metric that scores several prompt sets (pickscore, the metrics): each alone too
+        for r in mine:
+            sets.setdefault(jobs[r["job"]]["task"], []).append(r)
+        if len(sets) > 1:
+            out[task]["sets"] = {s: _stats(rs, jobs) for s, rs in sets.items()}
         if len(tags) > 1:
             out[task]["tags"] = {t: _stats(rs, jobs) for t, rs in tags.items()}
             if task in GENEVAL_REWARDS and "strict" in out[task]:
@@ -173,14 +188,19 @@ def summarise(records, jobs):
     return out
 
 
-def evaluate(policy, rows, num_steps, guidance, batch_size, seed=0, adapter=None, images_per_prompt=1):
+def evaluate(policy, rows, num_steps, guidance, batch_size, seed=0, adapter=None, images_per_prompt=1, metrics=()):
     """Sample rows (dicts with prompt/task/metadata; images_per_prompt each, seeded_jobs' seeds)
-    and score each by its own task's reward, every rank a share, gathered on all. Returns
+    and score each by its own task's reward, and every image by each of `metrics` (on their
+    published scales: score_images), every rank a share, gathered on all. Returns
     (summarise's {task: stats}, images, details), images and details in seeded_jobs' order, each
     detail with its row index, seed, score and the reward's JSON-able info."""
     jobs = seeded_jobs(rows, seed, images_per_prompt)
     images, _ = sample_images(policy, jobs, num_steps, guidance, batch_size, adapter)
-    parts = all_gather_objects((score_images(jobs, images, batch_size=batch_size), images))
+    plan = {}
+    for i, job in enumerate(jobs):
+        plan.setdefault(job["task"], []).append(i)
+    plan.update({m: list(range(len(jobs))) for m in metrics})
+    parts = all_gather_objects((score_images(jobs, images, plan, batch_size, metrics), images))
     records = sorted((r for p in parts for r in p[0]), key=lambda r: r["job"])
     images = {i: im for p in parts for i, im in p[1].items()}
     details = [{"row": jobs[r["job"]]["row"], "prompt": jobs[r["job"]]["prompt"], "task": r["task"],
@@ -218,6 +238,17 @@ def _jsonable(v):
         return False
 
 
+def metric_names(spec):
+    """"imagereward,hps" -> ["imagereward", "hps"]: the --metrics of eval.py and of the training
+    stages' periodic evals, each one of rewards.METRICS (a clear error naming any other)."""
+    from rewards import METRICS
+    names = list(dict.fromkeys(m.strip() for m in spec.split(",") if m.strip()))
+    for m in names:
+        if m not in METRICS:
+            raise ValueError(f"unknown --metrics {m!r}; the metrics: {', '.join(METRICS)}")
+    return names
+
+
 def eval_and_log(policy, ema, params, rows, cfg, out, step):
     """The periodic eval of a training run: EMA weights, ODE samples of every task's test
     prompts (eval_images each), each task's score with its standard error into metrics.jsonl,
@@ -229,7 +260,8 @@ def eval_and_log(policy, ema, params, rows, cfg, out, step):
         # a CFG-free student (opd_distill's --student_guidance 1) is scored where it samples
         summary, images, details = evaluate(policy, rows, cfg["eval_steps"], cfg.get("student_guidance") or cfg["guidance"],
                                             cfg["batch_size"],
-                                            seed=cfg["seed"], images_per_prompt=cfg.get("eval_images", 1))
+                                            seed=cfg["seed"], images_per_prompt=cfg.get("eval_images", 1),
+                                            metrics=metric_names(cfg.get("metrics", "")))
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         samples = Path(out) / "samples"

@@ -70,6 +70,7 @@ DEFAULTS = dict(
     max_steps=1000,
     eval_every=50,            # 0 disables periodic eval
     eval_tasks="ocr,geneval", # every task is scored at eval, not only the trained one (the seesaw)
+    metrics="",               # quality metrics on every eval image too: imagereward,hps,aesthetic,clipscore,pickscore
     eval_prompts=64,          # test prompts per task at eval, evenly spaced over the set
     eval_images=1,            # images per eval prompt, each from its own noise
     save_every=50,
@@ -140,7 +141,8 @@ def main(argv=None):
         out = Path(cfg["out"])
         resume_from = common.prepare_out(out, cfg["resume"])
         cfg["model"] = resolve_model(cfg["model"], cfg["preset"])
-        preload([*tasks, cfg["shared_reward"], *(eval_tasks if cfg["eval_every"] else [])])  # hub models now
+        metrics = scoring.metric_names(cfg["metrics"])
+        preload([*tasks, cfg["shared_reward"], *(eval_tasks + metrics if cfg["eval_every"] else [])])  # hub models now
         if device.type == "cuda":  # the estimated peak against the free memory, before any weight moves there
             free = torch.cuda.mem_get_info(device)[0]
             estimate.startup_check("grpo", cfg, cfg["model"], free, step_loss, world,

@@ -75,17 +75,22 @@ def test_periodic_eval_and_eval_py_are_one_path(first_run, tiny_pipe_dir, lora_d
     """A training run's periodic eval (scoring.evaluate) of one task's first prompts gives the
     scores eval.py gave the same checkpoint: same seeds, same sampler, same reward, whatever the
     batch size (eval.py ran in batches of 3, this in batches of 2)."""
-    from prompts import load_prompts
+    from prompts import load_prompts, spread
     from lora import load_adapter
     _, _, details, _ = first_run
     want = [d for d in map(json.loads, details) if d["checkpoint"] == "lora" and d["task"] == "text"]
     policy = load_policy(str(tiny_pipe_dir), device="cpu", resolution=32)
     adapter = load_adapter(policy, str(lora_dir), "lora")
-    rows = load_prompts("text", "test")[:NUM_PROMPTS]
+    # two tasks, as a training run's evals hold them: each task's prompts numbered from 0, as eval.py numbers them
+    rows = [r for t in ("count", "text") for r in spread(load_prompts(t, "test")[:NUM_PROMPTS], 0)]
     summary, images, got = scoring.evaluate(policy, rows, 2, evaluation.DEFAULTS["guidance"], 2, adapter=adapter)
+    got = [d for d in got if d["task"] == "text"]
     assert [d["score"] for d in got] == [d["score"] for d in want] and [d["seed"] for d in got] == [0, 1, 2]
     assert summary["text"]["n"] == NUM_PROMPTS and summary["text"]["mean"] == pytest.approx(
         sum(d["score"] for d in want) / NUM_PROMPTS)
+    # evenly spaced prompts (the periodic evals' pick) keep the seed of their place in the whole set
+    picked = spread(load_prompts("text", "test"), 4)
+    assert [j["seed"] for j in scoring.seeded_jobs(picked, 0)] == [r["index"] for r in picked] != [0, 1, 2, 3]
 
 
 def test_full_weight_checkpoint_side_by_side(first_run, tiny_pipe_dir, tmp_path, capsys):
@@ -180,8 +185,6 @@ def test_images_per_prompt_extends_one_image_per_prompt(first_run, tiny_pipe_dir
         assert results["base"][t]["mean"] == pytest.approx(sum(mine) / len(mine))
     table = (out / "results.md").read_text()
     assert f"2 images per prompt, the j-th from seed + i + {stride:,} j" in table and "count 3, text 3" in table
-    with pytest.raises(SystemExit, match="--images_per_prompt must be at least 1"):
-        evaluation.main(_args(tiny_pipe_dir, tmp_path / "x", "base", images_per_prompt=0))
 
 
 def test_vs_reports_the_paired_change_and_its_standard_error(first_run, tiny_pipe_dir, lora_dir, tmp_path, capsys):
@@ -357,3 +360,72 @@ def test_bare_paths_are_named_after_their_run():
     got = parse_checkpoints(["base", "runs/opd/final/", "runs/opd/checkpoint-000200", "x/merge.safetensors"])
     assert got == {"base": None, "opd": "runs/opd/final/", "opd_200": "runs/opd/checkpoint-000200",
                    "merge": "x/merge.safetensors"}
+
+
+@pytest.fixture
+def fake_aesthetic(monkeypatch):
+    """The aesthetic metric replaced by a model-free stand-in with the real one's shape of output:
+    a [0, 1] score and its published value (here the mean pixel, 0-255) in info["aesthetic"]."""
+    import rewards
+
+    def brightness(images, prompts=None, metadata=None):
+        raw = torch.tensor([np.asarray(im, np.float32).mean() for im in rewards.to_pil(images)])
+        return raw / 255, [{"aesthetic": float(r)} for r in raw]
+    monkeypatch.setitem(rewards.REWARDS, "aesthetic", brightness)
+    monkeypatch.setattr(evaluation, "preload", lambda names: None)
+    return lambda path: np.asarray(Image.open(path), np.float32).mean()
+
+
+def test_metrics_score_every_prompt_set_on_their_published_scale(tiny_pipe_dir, tmp_path, fake_aesthetic):
+    """--metrics: every image of every prompt set scored on the metric's own scale, over all and
+    per set; a prompt set with no reward of its name (drawbench) is scored by the metrics alone;
+    --images_per_prompt TASK=K; the average column leaves the metrics out."""
+    (tmp_path / "drawbench.txt").write_text("a photo of a cat\na red car\n")
+    out = tmp_path / "e"
+    results = evaluation.main(_args(tiny_pipe_dir, out, "base", tasks="count,drawbench", num_prompts=2,
+                                    metrics="aesthetic", images_per_prompt="count=2")
+                              + ["--prompts", f"drawbench={tmp_path / 'drawbench.txt'}"])
+    res = results["base"]
+    assert set(res) == {"count", "aesthetic"}
+    details = [json.loads(line) for line in (out / "details.jsonl").read_text().splitlines()]
+    metric = [d for d in details if d["task"] == "aesthetic"]
+    assert len(metric) == 2 * 2 + 2  # count: 2 prompts x 2 images; drawbench: 2 x 1
+    for d in metric:  # the published value, read off the image itself
+        assert d["score"] == pytest.approx(fake_aesthetic(d["image"]), rel=1e-5)
+    assert res["aesthetic"]["mean"] == pytest.approx(np.mean([d["score"] for d in metric]), rel=1e-6)
+    assert {s: v["n"] for s, v in res["aesthetic"]["sets"].items()} == {"count": 4, "drawbench": 2}
+    assert res["count"]["n"] == 4 and "sets" not in res["count"]
+    table = (out / "results.md").read_text()
+    assert "`aesthetic` per prompt set" in table and "images per prompt count 2, drawbench 1" in table
+    row = next(line for line in table.splitlines() if line.startswith("| base |"))
+    assert row.endswith(f"| {res['count']['mean']:.3f} |")  # the average: the rewards' mean only
+
+
+@pytest.mark.parametrize("over,message", [
+    (dict(metrics="nope"), "unknown --metrics 'nope'"),
+    (dict(tasks="count,pickscore", metrics="pickscore"), "'pickscore' is both a task and a metric"),
+    (dict(tasks="count,drawbench"), "unknown reward 'drawbench'"),
+    (dict(images_per_prompt="text=2"), "--images_per_prompt 'text=2': 'text' is not one of --tasks"),
+    (dict(images_per_prompt="0"), "--images_per_prompt '0': the number of images must be a whole number >= 1"),
+])
+def test_bad_metrics_and_images_per_prompt(tiny_pipe_dir, tmp_path, over, message):
+    args = _args(tiny_pipe_dir, tmp_path / "e", "base", **{"tasks": "count", **over})
+    if "drawbench" in over.get("tasks", ""):
+        (tmp_path / "d.txt").write_text("a cat\n")
+        args += ["--prompts", f"drawbench={tmp_path / 'd.txt'}"]
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        evaluation.main(args)
+
+
+def test_periodic_evals_score_the_metrics_too(tiny_pipe_dir, tmp_path, fake_aesthetic, monkeypatch):
+    """--metrics in a training stage: its periodic evals log each metric over every eval image."""
+    import opd_distill
+    from test_opd_distill import _args as opd_args, _lora
+    monkeypatch.setattr(opd_distill, "preload", lambda names: None)
+    pol = load_policy(str(tiny_pipe_dir), device="cpu")
+    _lora(pol, tmp_path / "count", seed=3)
+    opd_distill.main(opd_args(tiny_pipe_dir, tmp_path / "run", [f"count={tmp_path / 'count'}"], max_steps=1,
+                              eval_every=1, metrics="aesthetic", eval_tasks="count,text"))
+    evals = [json.loads(line)["eval"] for line in open(tmp_path / "run" / "metrics.jsonl") if '"eval"' in line]
+    assert len(evals) == 2 and all(set(e) == {"count", "text", "aesthetic"} for e in evals)
+    assert set(evals[0]["aesthetic"]["sets"]) == {"count", "text"} and evals[0]["aesthetic"]["mean"] > 1

@@ -141,7 +141,10 @@ def test_spread_covers_every_tag_of_a_grouped_set():
     assert len(picked) == 16 and len({id(r) for r in picked}) == 16
     assert {r["metadata"]["tag"] for r in picked} == {"single", "counting", "two_object", "position"}
     assert {r["metadata"]["tag"] for r in rows[:16]} != {"single", "counting", "two_object", "position"}
-    assert prompts.spread(rows, 0) == rows and prompts.spread(rows, 10_000) == rows
+    assert [r["index"] for r in picked] == [i * len(rows) // 16 for i in range(16)]
+    for every in (prompts.spread(rows, 0), prompts.spread(rows, 10_000)):
+        assert [{k: v for k, v in r.items() if k != "index"} for r in every] == rows
+        assert [r["index"] for r in every] == list(range(len(rows)))
 
 
 def test_balanced_draws_give_tasks_and_tags_equal_shares():
