@@ -112,3 +112,19 @@ def test_the_readme_paper_command_on_the_miniature(tmp_path, tiny_reward_models,
     table = (Path(cfg["out"]) / "results.md").read_text()
     assert all(f"`{m}` per prompt set" in table for m in METRICS)
     assert "images per prompt geneval 4, ocr 1, pickapic 1" in table
+
+
+@pytest.mark.parametrize("metric, model_id", [
+    ("imagereward", "THUDM/ImageReward"), ("hps", "xswu/HPSv2"), ("aesthetic", "camenduru/improved-aesthetic-predictor"),
+    ("clipscore", "openai/clip-vit-large-patch14"), ("pickscore", "yuvalkirstain/PickScore_v1")])
+def test_eval_refuses_a_metric_offline_in_one_line(tiny_pipe_dir, tmp_path, metric, model_id, monkeypatch):
+    """Offline (the tests run with HF_HUB_OFFLINE=1) eval.py --metrics stops at start-up, before any
+    sampling, in one line naming the metric and the model id it could not load."""
+    monkeypatch.delitem(rewards.MODELS, metric, raising=False)
+    monkeypatch.delitem(rewards.MODELS, "aesthetic" if metric == "clipscore" else "clipscore", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        evaluation.main(["--model", str(tiny_pipe_dir), "--tasks", "count", "--metrics", metric, "--out",
+                         str(tmp_path / "e")])
+    message = str(stop.value)
+    assert message.startswith(f"error: reward {metric!r} cannot load") and model_id in message
+    assert "\n" not in message and not (tmp_path / "e" / "cache").exists()
