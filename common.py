@@ -324,12 +324,10 @@ def optimizer_update(params, optimizer, ema, config):
     return grad_norm
 
 
-def after_step(policy, params, optimizer, ema, eval_rows, config, out, step):
-    """The periodic part of a training step: eval every eval_every steps, a checkpoint (rank 0)
-    every save_every steps and at the last one, then every rank waits for the others."""
-    if config["eval_every"] and step % config["eval_every"] == 0:
-        from scoring import eval_and_log
-        eval_and_log(policy, ema, params, eval_rows, config, out, step)
+def after_step(policy, params, optimizer, ema, config, out, step):
+    """The end of a training step: a checkpoint (rank 0) every save_every steps and at the last
+    one, then every rank waits for the others. (The periodic eval is the stage's own call to
+    scoring.eval_and_log, just before: this module imports no other of the repo's.)"""
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if step % config["save_every"] == 0 or step == config["max_steps"]:
         check_in_sync(params, f"at step {step}")

@@ -4,7 +4,7 @@ the peak memory, split into frozen weights, trainable state and activations, and
 a model's real config (SD3.5-Medium, SD3.5-Large) and any batch size, with and without gradient
 checkpointing.
 
-    python bench.py --only estimate                      # the table of docs/benchmarks.md
+    python -m tools.bench --only estimate                      # the table of docs/benchmarks.md
     estimate.startup_check("opd", cfg, model, free_bytes, distill_micro_batch, world)   # a stage, on CUDA
 
 How. The stages' own code runs one trained SDE step (opd_distill.distill_micro_batch over one
@@ -31,13 +31,13 @@ internal scratch, and autograd's graph, which lives in host memory on CUDA.
 Activation memory is affine in the batch: it is measured at batch 1 and 2 and extrapolated, each
 phase on its own line (OPD's label forward in its own images: the batch plus the anchor's); FLOPs
 are linear in it. validate() runs the same steps on real CPU tensors of small pipelines and
-compares with the real heap's growth (tests/test_estimate.py, bench.py --only estimate).
+compares with the real heap's growth (tests/test_estimate.py, tools/bench.py --only estimate).
 
 Layout: the stages import this module (startup_check), so it imports no stage. Their code comes
 in as arguments: a unit takes the stage's function (opd_step: opd_distill.distill_micro_batch;
 grpo_train_step: teacher_grpo.step_loss; sft_step: sft_coldstart.flow_matching_loss), and the
 table and the check take `stages`, {"opd"|"grpo"|"sft": (the stage's DEFAULTS, that function)},
-which a tool or a test builds (bench.py, tests/test_estimate.py)."""
+which a tool or a test builds (tools/bench.py, tests/test_estimate.py)."""
 import logging
 import math
 import weakref
@@ -52,12 +52,20 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from sd35_miniature import SD35, SD35_TRANSFORMER
 
 GIB = 2 ** 30
 H100_BF16 = 989e12          # H100 SXM dense bf16 peak, FLOP/s
 MFU = 0.40                  # the fraction of it a step is assumed to reach
 SPARE = 0.15                # a setting "fits" when its estimated peak leaves this fraction of the memory free
+
+# SD3.5's VAE latent: 16 channels, with its scaling and shift factors
+SD35 = dict(scaling_factor=1.5305, shift_factor=0.0609, latent_channels=16)
+
+# SD3.5-Medium's transformer (its config.json on the hub); the miniature keeps the keys, not the sizes
+SD35_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                        attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                        caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                        dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
 
 SD35_MEDIUM = dict(SD35_TRANSFORMER)
 # SD3.5-Large's transformer/config.json: 38 blocks of 38 heads x 64 = 2432, no dual attention
@@ -561,7 +569,7 @@ def largest_batch(cost_at, capacity, spare=SPARE, limit=1024, divides=None):
 
 
 # -----------------------------------------------------------------------------
-# the table: every stage at SD3.5's real sizes (python bench.py --only estimate)
+# the table: every stage at SD3.5's real sizes (python -m tools.bench --only estimate)
 
 MODELS = {"SD3.5-Medium": SD35_MEDIUM, "SD3.5-Large": SD35_LARGE}
 GPUS = {"24 GB": 24.0, "40 GB": 39.6, "48 GB": 45.0, "80 GB": 79.6}  # GiB torch sees on a 4090, A100, L40S, H100

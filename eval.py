@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 import common
 import scoring
-import tinyworld
+import tiny.world as tinyworld
 from lora import is_full_weights, load_teacher, read_lora
 from prompts import BUILTIN, TINY_TASKS, load_prompts
 from rewards import REWARDS, get_reward, preload, set_device

@@ -58,7 +58,7 @@ from prompts import held_out_note, load_prompts, spread
 from rewards import get_reward, preload, set_device
 from sde_sampler import (BASE, adapter_velocities, cache_prompts, encode, load_policy, ppo_loss,
                          resolve_model, sd3_sigmas, sde_step, transition_kl, velocity)
-from tinyworld import SAMPLING as TINY
+from tiny.world import SAMPLING as TINY
 
 # -----------------------------------------------------------------------------
 # defaults: SD3.5-Medium and the paper's settings; --preset tiny swaps in the tiny world
@@ -119,7 +119,7 @@ DEFAULTS = dict(
 )
 TINY_ASSETS = Path(__file__).resolve().parent / "assets" / "tiny"
 PRESETS = {
-    # The tiny recipe (README, "The OPD recipe"; recipe_tiny.sh measures each change alone):
+    # The tiny recipe (README, "The OPD recipe"; tiny/recipe.sh measures each change alone):
     # - velocity weighting: under flowgrpo the first SDE steps, where layout and counts are decided,
     #   weigh ~5000x less than the late ones, and the student never took the count teacher's lead;
     # - the base as MAR anchor at beta_mar 0.5, and only the teachers' prompts (count, text): the clean
@@ -412,7 +412,9 @@ def main(argv=None):
             common.log_metrics(out, record)
             bar.set_postfix(kl=f"{record['kl']:.3e}", mar=f"{record['mar_kl']:.2e}")
             bar.update(1)
-        common.after_step(policy, params, optimizer, ema, eval_rows, cfg, out, step)
+        if cfg["eval_every"] and step % cfg["eval_every"] == 0:
+            scoring.eval_and_log(policy, ema, params, eval_rows, cfg, out, step)
+        common.after_step(policy, params, optimizer, ema, cfg, out, step)
     bar.close()
     common.finish_run(policy, params, out, cfg, ema)
 

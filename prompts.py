@@ -299,7 +299,7 @@ def load_prompts(task, split, path=None):
     if task in BUILTIN:
         return BUILTIN[task](split)
     if task in TINY_TASKS:
-        import tinyworld
+        import tiny.world as tinyworld
         return tinyworld.prompt_set(task, split)
     raise ValueError(f"no built-in prompts for task {task!r}; built-in tasks: "
                      f"{', '.join(list(BUILTIN) + list(TINY_TASKS))} (or pass a file)")

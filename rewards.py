@@ -883,7 +883,7 @@ def clipscore_reward(images, prompts, metadata=None):
 def _tiny(name):
     """The tiny world's reward `name`, imported on first call so this module stands alone."""
     def reward(images, prompts, metadata=None):
-        import tinyworld  # numpy only: it gets PIL images and returns a numpy array
+        import tiny.world as tinyworld  # numpy only: it gets PIL images and returns a numpy array
         scores, info = getattr(tinyworld, f"{name}_reward")(to_pil(images), prompts, metadata)
         return torch.from_numpy(scores), info
     reward.__name__ = f"{name}_reward"

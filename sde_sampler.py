@@ -17,7 +17,7 @@ Sections, top to bottom: the maths (pure and small, each with its derivation in 
 the SD3 backbone (loading, prompt encoding through a bounded cache, the velocity call, decoding,
 the schedule), the only part that knows the model family; the sampling loops, with any adapter
 or a mixed batch of them. The adapters themselves (add, save, read, check, load) are lora.py.
-(The tiny world's random pipeline is built by pretrain_tiny.build_tiny_pipeline.)
+(The tiny world's random pipeline is built by tiny.pretrain.build_tiny_pipeline.)
 """
 
 import json
@@ -184,7 +184,7 @@ def resolve_model(model, preset=None):
         return str(model)
     if preset == "tiny":
         if not (TINY_MODEL / "model_index.json").exists():
-            raise FileNotFoundError(f"tiny base not found at {TINY_MODEL}; run `python pretrain_tiny.py`")
+            raise FileNotFoundError(f"tiny base not found at {TINY_MODEL}; run `python -m tiny.pretrain`")
         return str(TINY_MODEL)
     return DEFAULT_MODEL
 

@@ -29,7 +29,7 @@ import estimate
 from lora import add_student, is_full_weights, load_teacher, read_lora
 from prompts import load_prompts
 from sde_sampler import encode, initial_noise, load_policy, resolve_model, rollout, velocity
-from tinyworld import SAMPLING as TINY
+from tiny.world import SAMPLING as TINY
 
 # -----------------------------------------------------------------------------
 # defaults: SD3.5-Medium; --preset tiny swaps in the tiny world

@@ -31,7 +31,7 @@ from rewards import get_reward, parse_reward_spec, preload, set_device
 from sde_sampler import (BASE, adapter_velocities, cache_prompts, decode, encode, group_advantages,
                          load_policy, ppo_loss, resolve_model, rollout_batches, sde_step, transition_kl,
                          velocity)
-from tinyworld import SAMPLING as TINY
+from tiny.world import SAMPLING as TINY
 
 # -----------------------------------------------------------------------------
 # defaults: SD3.5-Medium with the Flow-GRPO authors' settings; --preset tiny swaps in the tiny world
@@ -250,7 +250,9 @@ def main(argv=None):
             common.log_metrics(out, record)
             bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.2e}")
             bar.update(1)
-        common.after_step(policy, params, optimizer, ema, eval_rows, cfg, out, step)
+        if cfg["eval_every"] and step % cfg["eval_every"] == 0:
+            scoring.eval_and_log(policy, ema, params, eval_rows, cfg, out, step)
+        common.after_step(policy, params, optimizer, ema, cfg, out, step)
     bar.close()
     common.finish_run(policy, params, out, cfg, ema)
 

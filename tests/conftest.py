@@ -15,8 +15,8 @@ warnings.filterwarnings("ignore", message=".*requires torchvision.*")
 
 @pytest.fixture(scope="session")
 def tiny_pipe_dir(tmp_path_factory):
-    from pretrain_tiny import build_tiny_pipeline
-    from tinyworld import VOCAB_WORDS
+    from tiny.pretrain import build_tiny_pipeline
+    from tiny.world import VOCAB_WORDS
     d = tmp_path_factory.mktemp("tiny_pipe")
     build_tiny_pipeline(d, words=VOCAB_WORDS, seed=0, num_layers=2)
     return d

@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_bench_runs_all_parts_and_lora_teachers_cost_their_adapter():
-    out = subprocess.run([sys.executable, "bench.py", "--repeats", "1", "--batch", "2", "--steps", "2",
+    out = subprocess.run([sys.executable, "-m", "tools.bench", "--repeats", "1", "--batch", "2", "--steps", "2",
                           "--train_steps", "2"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     text = out.stdout
@@ -35,7 +35,7 @@ def test_gpu_check_script_cut_short_on_the_cpu(tmp_path):
     env = {**__import__("os").environ, "TESTS": "tests/test_sd35_shape.py -k structure", "SLOW_TESTS": "",
            "BENCH_MODEL": "sd35-mini", "BENCH_RES": "64", "BENCH_T5": "8", "MEMORY_MODEL": "sd35-mini",
            "PYTHON": sys.executable}
-    out = subprocess.run(["bash", "gpu_check.sh", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+    out = subprocess.run(["bash", "tools/gpu_check.sh", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
                          timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert re.search(r"^torch \S+, (no CUDA device|.+); diffusers \S+, transformers \S+, peft \S+$",

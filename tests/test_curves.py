@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 import common
-import curves
+from tools import curves
 
 
 def _run(path, evals):
@@ -46,3 +46,19 @@ def test_tradeoff_plots_one_point_per_checkpoint(tmp_path):
         curves.main(["--results", str(path), "a", "c", "--out", str(tmp_path / "t.png")])
     with pytest.raises(SystemExit, match="task 'ocr' was not evaluated"):
         curves.main(["--results", str(path), "a", "--y", "ocr", "--out", str(tmp_path / "t.png")])
+
+
+def test_kl_by_step_compares_a_runs_first_and_last_steps(tmp_path, capsys):
+    """--kl_by_step: per task, the per-SDE-step KL over the first and the last --window training steps."""
+    run = tmp_path / "opd"
+    run.mkdir()
+    for step in range(1, 7):  # the KL at SDE step 0 falls from 1.0 to 0.5; step 1 stays at 0.2
+        common.log_metrics(run, {"step": step, "kl_by_step": {"count": [1.0 if step <= 3 else 0.5, 0.2]}})
+    common.log_metrics(run, {"step": 6, "eval": {"count": {"mean": 0.3}}})  # other records are skipped
+    assert curves.kl_by_step(run, 3) == {"count": (pytest.approx([1.0, 0.2]), pytest.approx([0.5, 0.2]))}
+    curves.main(["--kl_by_step", f"a={run}", "--window", "3", "--out", str(tmp_path / "kl.png")])
+    assert "a count: KL by SDE step, first 3 -> last 3 training steps: 1->0.5 (0.50x), 0.2->0.2 (1.00x)" in \
+        capsys.readouterr().out
+    assert Image.open(tmp_path / "kl.png").size[0] > 100
+    with pytest.raises(SystemExit, match="no kl_by_step records"):
+        curves.main(["--kl_by_step", str(_run(tmp_path / "grpo", [(0, {"count": 0.1})])), "--out", str(tmp_path / "x.png")])

@@ -12,7 +12,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-SCRIPTS = sorted(p.name for p in REPO.glob("*.py"))
+SCRIPTS = sorted(str(p.relative_to(REPO)) for folder in ("", "tiny/", "tools/") for p in REPO.glob(f"{folder}*.py")
+                 if p.name != "__init__.py")
 FLAG = r"(?<![\w-])--[a-z][\w-]*"  # a long option as written in prose or a command
 # flags of the launchers in front of our scripts, not of the scripts
 LAUNCHER_FLAGS = {"--nproc_per_node", "--nnodes", "--rdzv_backend", "--rdzv_endpoint", "--rdzv_id", "--standalone"}
@@ -23,11 +24,12 @@ def script_flags(script):
     """The --flags a repo script accepts: its DEFAULTS (parse_config adds --preset and --resume), or
     what a plain argparse script's --help lists."""
     if "common.parse_config(DEFAULTS" in (REPO / script).read_text():
-        module = importlib.import_module(script.removesuffix(".py"))
+        module = importlib.import_module(script.removesuffix(".py").replace("/", "."))
         return {f"--{k}" for k in module.DEFAULTS} | {"--preset", "--resume"}
     if "argparse" not in (REPO / script).read_text():
         return set()
-    out = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    module = script.removesuffix(".py").replace("/", ".")  # tools and the tiny world run as python -m tools.bench
+    out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, f"{script} --help: {out.stderr[-500:]}"
     return set(re.findall(FLAG, out.stdout))
 
@@ -42,16 +44,16 @@ def doc_texts():
 
 
 def command_problems(texts):
-    """(problems, flags checked) for every `python X.py ...` / `torchrun ... X.py ...` line: each
-    --flag after a repo script must be one that script takes."""
+    """(problems, flags checked) for every `python X.py ...`, `python -m tools.X ...` or `torchrun ...
+    X.py ...` line: each --flag after a repo script must be one that script takes."""
     problems, checked = [], 0
     for doc, text in texts:
         for line in text.replace("\\\n", " ").splitlines():
-            for m in re.finditer(r"(?:python|torchrun)\b[^`|#;&]*?\b(\w+\.py)\b([^`|#;&]*)", line):
-                script = m.group(1)
+            for m in re.finditer(r"(?:python|torchrun)\b[^`|#;&]*?(?:\b([\w/]+\.py)\b|-m ([\w.]+))([^`|#;&]*)", line):
+                script = m.group(1) or m.group(2).replace(".", "/") + ".py"
                 if not (REPO / script).is_file():
                     continue
-                for token in shlex.split(m.group(2)):
+                for token in shlex.split(m.group(3)):
                     flag = token.split("=")[0]
                     if re.fullmatch(FLAG, flag) and flag not in LAUNCHER_FLAGS:
                         checked += 1

@@ -32,7 +32,7 @@ STAGE_MODULES = ["teacher_grpo", "merge_coldstart", "sft_coldstart", "opd_distil
 def mini(tmp_path_factory):
     """(folder, real policy, fake policy, fake mode) of the miniature with 2 LoRA teachers and a
     LoRA anchor, bf16 with CUDA's autocast casts."""
-    from sd35_miniature import build_sd35_miniature
+    from tools.sd35_miniature import build_sd35_miniature
     folder = tmp_path_factory.mktemp("mini")
     build_sd35_miniature(folder)
     real = E.real_policy(str(folder), t5_tokens=8, rank=8, alpha=16, teachers=E.TEACHERS[:2], anchor="anchor")
@@ -193,7 +193,7 @@ def test_estimate_imports_no_stage():
     them, not even lazily. The controls: the checker sees bench.py's import of opd_distill (inside
     an `if`), and stage imports inside a function."""
     assert imported_modules((REPO / "estimate.py").read_text()) & set(STAGE_MODULES) == set()
-    assert "opd_distill" in imported_modules((REPO / "bench.py").read_text())
+    assert "opd_distill" in imported_modules((REPO / "tools" / "bench.py").read_text())
     nested = "def f():\n    from teacher_grpo import step_loss\n    importlib.import_module('eval')\n"
     assert imported_modules(nested) == {"teacher_grpo", "eval"}
 

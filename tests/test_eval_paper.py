@@ -15,7 +15,7 @@ import common
 import eval as evaluation
 import rewards
 from lora import add_student, save_adapter
-from sd35_miniature import build_sd35_miniature
+from tools.sd35_miniature import build_sd35_miniature
 from sde_sampler import load_policy
 from test_metrics import (lively_clip, original_imagereward_state, random_head_state, tiny_bert_tokenizer,
                           tiny_blip_config)

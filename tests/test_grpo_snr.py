@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import grpo_snr
+from tools import grpo_snr
 import rewards
 
 
@@ -51,7 +51,7 @@ def test_needs_a_reward_and_two_batches(tiny_pipe_dir, prompt_file):
 
 def test_readme_command_on_the_shipped_base_cut_short():
     repo = Path(__file__).resolve().parents[1]
-    res = subprocess.run([sys.executable, "grpo_snr.py", "--preset", "tiny", "--reward", "count", "--batches", "2",
+    res = subprocess.run([sys.executable, "-m", "tools.grpo_snr", "--preset", "tiny", "--reward", "count", "--batches", "2",
                           "--prompts_per_step", "1", "--group_size", "4", "--batch_size", "4", "--num_steps", "2"],
                          cwd=repo, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

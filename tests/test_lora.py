@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pretrain_tiny import build_tiny_pipeline
+from tiny.pretrain import build_tiny_pipeline
 from lora import add_student, load_adapter, save_adapter
 from sde_sampler import BASE, encode, load_policy, using_adapter, velocity
 

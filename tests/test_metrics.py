@@ -509,8 +509,7 @@ def test_loaders_build_float32_eval_models_from_the_checkpoints(tmp_path, monkey
     clip_loads = []
     monkeypatch.setattr(rewards, "_load_clip_l14", lambda: clip_loads.append(1) or {
         "model": tiny_clip(tmp_path / "l14")[0], "tokenizer": clip_tokenizer})
-    for key in ("imagereward", "hps", "aesthetic", "clipscore", "clip_l14"):
-        monkeypatch.delitem(rewards.MODELS, key, raising=False)
+    monkeypatch.setattr(rewards, "MODELS", {})  # what the loaders fill goes with the test (set_device moves it all)
     rewards.preload(["imagereward,hps", "aesthetic:0.5,clipscore:0.5"])
     loaded = {key: rewards.MODELS[key] for key in ("imagereward", "hps", "aesthetic", "clipscore")}
     for module in (loaded["imagereward"]["model"], loaded["hps"]["model"], loaded["aesthetic"]["head"]):
@@ -548,8 +547,7 @@ def test_metrics_are_registered_rewards():
     ("aesthetic", "camenduru/improved-aesthetic-predictor"), ("clipscore", "openai/clip-vit-large-patch14")])
 def test_preload_refuses_offline_in_one_line_naming_the_model(name, model_id, monkeypatch):
     """HF_HUB_OFFLINE=1 (conftest) and an empty cache: start-up stops with one line."""
-    for key in ("imagereward", "hps", "aesthetic", "clipscore", "clip_l14"):
-        monkeypatch.delitem(rewards.MODELS, key, raising=False)
+    monkeypatch.setattr(rewards, "MODELS", {})  # what the loaders fill goes with the test (set_device moves it all)
     with pytest.raises(ValueError) as refusal:
         rewards.preload([name])
     message = str(refusal.value)

@@ -12,7 +12,7 @@ import torch
 
 import opd_distill
 from opd_distill import distill_micro_batch, kl_scale, opd_loss, pg_reward, returns_to_go, task_schedule
-from pretrain_tiny import build_tiny_pipeline
+from tiny.pretrain import build_tiny_pipeline
 from lora import add_student, load_adapter, save_adapter
 from sde_sampler import encode, load_policy, rollout, sd3_sigmas, sde_step, transition_kl, using_adapter, velocity
 

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-import pretrain_tiny as pt
-import tinyworld as tw
+import tiny.pretrain as pt
+import tiny.world as tw
 
 # -----------------------------------------------------------------------------
 # the tiny base: pretraining and the shipped checkpoint
@@ -58,7 +58,7 @@ def test_pretraining_command_writes_base_report_and_snapshot(tmp_path):
     pt.main(["--out", str(out), "--steps", "3", "--flaw_from", "1", "--snapshots", "2", "--eval_steps", "2"])
     for steps, folder in ((3, out), (2, f"{out}_step2")):
         record = json.loads(Path(f"{folder}_scores.json").read_text())
-        assert record["command"] == f"python pretrain_tiny.py --out {out} --steps {steps} --seed 0 --flaw_from 1"
+        assert record["command"] == f"python -m tiny.pretrain --out {out} --steps {steps} --seed 0 --flaw_from 1"
         assert all(0 <= record["scores"][t]["flawed"] <= 1 for t in tw.TASKS)
         assert Image.open(f"{folder}_grid.png").size[0] > 8 * tw.SIZE
         assert (Path(folder) / "model_index.json").exists()

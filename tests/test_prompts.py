@@ -9,6 +9,7 @@ import pytest
 
 import prompts
 import rewards
+import tiny
 
 
 @pytest.mark.parametrize("task", ["ocr", "geneval"])
@@ -124,7 +125,8 @@ def test_other_tasks_from_files_and_tiny_world(tmp_path, monkeypatch):
         {"prompt": "a cozy cabin at dusk", "task": "pickscore", "metadata": {}}]
     row = {"prompt": "two red squares", "task": "count", "metadata": {"n": 2}}
     world = types.SimpleNamespace(prompt_set=lambda task, split: [dict(row, task=task, metadata={"split": split})])
-    monkeypatch.setitem(sys.modules, "tinyworld", world)
+    monkeypatch.setitem(sys.modules, "tiny.world", world)
+    monkeypatch.setattr(tiny, "world", world)
     assert prompts.load_prompts("count", "test") == [{"prompt": "two red squares", "task": "count", "metadata": {"split": "test"}}]
 
 

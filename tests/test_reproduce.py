@@ -19,7 +19,7 @@ def test_smoke_chain_then_resume_skips(tmp_path):
     runs = tmp_path / "runs"
     env = {**os.environ, "SMOKE": "1", "SEEDS": "0 1", "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable}
     # the first invocation two stages at a time (and the eval on two ranks), the second one at a time
-    res = subprocess.run(["bash", str(REPO / "reproduce_tiny.sh"), str(runs)], capture_output=True, text=True,
+    res = subprocess.run(["bash", str(REPO / "tiny" / "reproduce.sh"), str(runs)], capture_output=True, text=True,
                          env={**env, "JOBS": "2"}, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     results = json.loads((runs / "eval" / "results.json").read_text())
@@ -36,7 +36,7 @@ def test_smoke_chain_then_resume_skips(tmp_path):
     # a teacher copied in (as the shipped ones are) has no metrics.jsonl: the curves leave it out
     (runs / "count" / "metrics.jsonl").unlink()
     (runs / "curves.png").unlink()
-    again = subprocess.run(["bash", str(REPO / "reproduce_tiny.sh"), str(runs)], capture_output=True, text=True,
+    again = subprocess.run(["bash", str(REPO / "tiny" / "reproduce.sh"), str(runs)], capture_output=True, text=True,
                            env=env, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count("done, skipped") == 17
@@ -51,7 +51,7 @@ def test_smoke_chain_then_resume_skips(tmp_path):
 def test_recipe_smoke_runs_every_variant(tmp_path):
     runs = tmp_path / "recipe"
     env = {**os.environ, "SMOKE": "1", "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable}
-    res = subprocess.run(["bash", str(REPO / "recipe_tiny.sh"), str(runs)], capture_output=True, text=True,
+    res = subprocess.run(["bash", str(REPO / "tiny" / "recipe.sh"), str(runs)], capture_output=True, text=True,
                          env=env, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     results = json.loads((runs / "eval" / "results.json").read_text())

@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import rewards
+import tiny
 
 # -----------------------------------------------------------------------------
 # helpers
@@ -527,7 +528,8 @@ def test_tiny_world_rewards_are_registered_and_imported_lazily(monkeypatch):
     assert {"count", "text", "clean"} <= set(rewards.REWARDS)
     calls = []
     world = types.SimpleNamespace(text_reward=lambda *a: calls.append(a) or (np.ones(1, np.float32), [{}]))
-    monkeypatch.setitem(sys.modules, "tinyworld", world)
+    monkeypatch.setitem(sys.modules, "tiny.world", world)
+    monkeypatch.setattr(tiny, "world", world)
     image = Image.new("RGB", (4, 4))
     scores, _ = rewards.get_reward("text")([image], ['"ab"'], [{}])
     # called on first use, with PIL images; its numpy scores come back as a tensor

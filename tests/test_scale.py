@@ -82,7 +82,7 @@ def test_random_streams_never_collide_across_ranks_steps_seeds_and_purposes():
 
 def test_grpo_decodes_its_rollout_in_micro_batches(tmp_path, monkeypatch):
     from diffusers import AutoencoderKL
-    from sd35_miniature import build_sd35_miniature
+    from tools.sd35_miniature import build_sd35_miniature
     build_sd35_miniature(tmp_path / "mini")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red dog\na blue cat\n")

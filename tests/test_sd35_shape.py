@@ -18,7 +18,7 @@ import opd_distill
 import rewards
 import sft_coldstart
 import teacher_grpo
-from sd35_miniature import SD35, build_sd35_miniature
+from tools.sd35_miniature import SD35, build_sd35_miniature
 from lora import LORA_TARGETS
 from sde_sampler import decode, encode, load_policy
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-import tinyworld as tw
+import tiny.world as tw
 from rewards import get_reward
 
 # the rewards as every stage calls them (tensors or PIL in, a float32 tensor out)
@@ -21,8 +21,8 @@ REWARDS = {task: get_reward(task) for task in tw.TASKS}
 def test_world_is_numpy_only():
     """The world module imports no torch (stages get their tiny presets without it), and its
     rewards return numpy arrays that rewards.py turns into tensors."""
-    code = "import sys, tinyworld; assert 'torch' not in sys.modules, 'tinyworld imported torch'"
-    subprocess.run([sys.executable, "-c", code], cwd=Path(tw.__file__).parent, check=True)
+    code = "import sys, tiny.world; assert 'torch' not in sys.modules, 'tiny.world imported torch'"
+    subprocess.run([sys.executable, "-c", code], cwd=Path(tw.__file__).parents[1], check=True)
     rows, images = _renders("clean")
     assert isinstance(tw.clean_reward(images[:2], None, None)[0], np.ndarray)
 

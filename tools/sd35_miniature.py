@@ -7,7 +7,7 @@ with its own (offline-built) tokenizer, and a transformer with dual attention in
 blocks and RMS qk-norm, patch 2.
 
     build_sd35_miniature(folder)              # tiny sizes (tests/test_sd35_shape.py runs every stage on it)
-    build_sd35_miniature(folder, full=True)   # SD3.5-M's transformer and VAE at full size (bench.py --sd35)
+    build_sd35_miniature(folder, full=True)   # SD3.5-M's transformer and VAE at full size (tools/bench.py --sd35)
 
 The full-size one has SD3.5-M's transformer config (24 blocks of width 1536, 2.24 B parameters,
 dual attention in blocks 0-12) and VAE config, with one-layer text encoders of the real widths:
@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
+from estimate import SD35, SD35_TRANSFORMER  # the real configs, whose keys the miniature keeps
+
 WORDS = ["a", "the", "text", "red", "blue", "green", "circle", "square", "dog", "cat", "photo", "of", "and",
          "two", "sign", "that", "says", "left", "right", "hello", "world"]
-SD35 = dict(scaling_factor=1.5305, shift_factor=0.0609, latent_channels=16)
 
 
 def t5_tokenizer(words=WORDS):
@@ -40,11 +41,6 @@ def t5_tokenizer(words=WORDS):
                            extra_ids=0, model_max_length=512)
 
 
-# SD3.5-Medium's transformer (its config.json on the hub); the miniature keeps the keys, not the sizes
-SD35_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
-                        attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
-                        caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
-                        dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
 
 
 def build_sd35_miniature(out_dir, seed=0, sample_size=8, num_layers=3, dual_attention_layers=(0, 1), full=False):
@@ -52,7 +48,7 @@ def build_sd35_miniature(out_dir, seed=0, sample_size=8, num_layers=3, dual_atte
     sample_size is the latent side: images are 8x larger (64 px by default). full: SD3.5-M's
     transformer and VAE sizes (saved in bf16, 4.5 GB), one-layer text encoders of its widths."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from pretrain_tiny import _clip_vocab
+    from tiny.pretrain import _clip_vocab
     from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
                               T5EncoderModel)
     torch.manual_seed(seed)

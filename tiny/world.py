@@ -24,9 +24,9 @@ the eval metric) and what was read. The module is only the world: numpy, Pillow 
 no torch. Like web data, the world also draws each task's *flaw* (render(row, seed, flawed=True)),
 which that task's reward alone marks down: an extra shape in a colour the prompt does not name
 (count), a grey band across the board (clean), a grey bar under the line that the reader takes
-for the text (text). pretrain_tiny.py (stage 0) trains the tiny base on these pictures.
+for the text (text). tiny/pretrain.py (stage 0) trains the tiny base on these pictures.
 
-    import tinyworld
+    import tiny.world as tinyworld
     rows = tinyworld.prompt_set("count", "test")          # [{"prompt", "task", "metadata"}]
     images = [tinyworld.render(row, seed=0) for row in rows]
     scores, info = tinyworld.count_reward(images, [r["prompt"] for r in rows],
@@ -307,7 +307,7 @@ def _draw_text(img, text, rng, bottom=SIZE - 1):
 def render(row, seed, flawed=False):
     """A 32x32 RGB PIL image satisfying the row's metadata; placement and sizes come from the
     seed, so the drawing is deterministic for (row, seed). flawed: add the task's flaw, as a
-    share of the pretraining pictures have it (pretrain_tiny.PRETRAIN["flaw_rate"])."""
+    share of the pretraining pictures have it (tiny.pretrain.PRETRAIN["flaw_rate"])."""
     rng = _rng(row, seed)
     img = np.full((SIZE, SIZE, 3), WHITE, np.uint8)
     meta = row["metadata"]
@@ -576,7 +576,7 @@ def shows_flaw(task, img, info):
 
 
 # -----------------------------------------------------------------------------
-# what every stage samples with under --preset tiny (pretraining is pretrain_tiny.py)
+# what every stage samples with under --preset tiny (pretraining is tiny/pretrain.py)
 
 # Training rollouts keep SD3.5-M's 10 SDE steps; evaluation uses 20 ODE steps (the tiny model's
 # samples stop improving around there). Without T5 an SD3 pipeline pads every prompt with

@@ -1,8 +1,8 @@
 """
 OCR reward throughput on CPU, so that training loops can be planned around it.
 
-    python bench_rewards.py                 # 32 images, 512x512
-    python bench_rewards.py --n 64 --size 1024
+    python -m tools.bench_rewards                 # 32 images, 512x512
+    python -m tools.bench_rewards --n 64 --size 1024
 
 Renders short texts with Pillow's bundled font, warms RapidOCR up on one image, then times
 one ocr_reward call over the batch and prints one line (images per second).

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # What a GPU machine should confirm, in one offline call of about 10 minutes:
 #
-#     bash gpu_check.sh [OUT]            # default runs/gpu_check
+#     bash tools/gpu_check.sh [OUT]            # default runs/gpu_check
 #
 # 1. env.txt: torch, the device, the library versions.
 # 2. tests.txt: the test suite with the GPU visible. Every stage a test runs through its main()
 #    picks the GPU and bf16 wherever the test does not pin the CPU, so this is the CUDA + bf16 path
 #    of every stage on tiny models (and on the SD3.5-M-shaped miniature, tests/test_sd35_shape.py).
-# 3. bench_sd35.txt: bench.py on a random pipeline of SD3.5-M's real size (sd35_miniature's
+# 3. bench_sd35.txt: tools/bench.py on a random pipeline of SD3.5-M's real size (sd35_miniature's
 #    full=True: its transformer and VAE, one-layer text encoders of its widths): the GPU memory
 #    held with 1, 2 and 3 LoRA teachers and with one full-weight teacher; then OPD against GRPO at
 #    512 px, 256 T5 tokens, micro-batch 8: each iteration's time, the share inside the
@@ -25,7 +25,7 @@
 #         diffusers==0.42.1 importlib_metadata rapidfuzz rapidocr==3.10.0 colorlog omegaconf pyclipper shapely
 # (wandb is not among them: the one test that logs to W&B is left out here.)
 set -uo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."  # the repository root: the stages and runs/ are there
 OUT=${1:-runs/gpu_check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -57,7 +57,7 @@ fi
 echo "== tests: $((SECONDS - start)) s" | tee -a "$OUT/tests.txt"
 
 t=$SECONDS
-timeout "${BENCH_TIMEOUT:-200}" "$PY" bench.py --only memory --only opd --model "${BENCH_MODEL:-sd35-full}" \
+timeout "${BENCH_TIMEOUT:-200}" "$PY" -m tools.bench --only memory --only opd --model "${BENCH_MODEL:-sd35-full}" \
     --resolution "${BENCH_RES:-512}" --t5_tokens "${BENCH_T5:-256}" --micro_batch 8 --train_steps 3 2>&1 | grep -v "it/s" | tail -24 | tee "$OUT/bench_sd35.txt"
 echo "== bench: $((SECONDS - t)) s; total $((SECONDS - start)) s" | tee -a "$OUT/bench_sd35.txt"
 
@@ -70,7 +70,7 @@ from pathlib import Path
 out, which, stages = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 model = out / which
 if not (model / "model_index.json").exists():
-    from sd35_miniature import build_sd35_miniature
+    from tools.sd35_miniature import build_sd35_miniature
     build_sd35_miniature(model, full=which == "sd35-full")
 small = [] if which == "sd35-full" else ["--resolution", "64", "--t5_tokens", "8", "--num_steps", "2"]
 (out / "prompts.txt").write_text("a red dog\na blue cat\n")

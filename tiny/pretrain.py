@@ -1,8 +1,8 @@
 """
 Stage 0 of the tiny world: pretrain its base from scratch, then sample and score it.
 
-    python pretrain_tiny.py --out assets/tiny/base --steps 4600 --seed 0     # the shipped base, ~18 min on 2 cores
-    python pretrain_tiny.py --out runs/base --steps 4600 --snapshots 4000    # also keep step 4000
+    python -m tiny.pretrain --out assets/tiny/base --steps 4600 --seed 0     # the shipped base, ~18 min on 2 cores
+    python -m tiny.pretrain --out runs/base --steps 4600 --snapshots 4000    # also keep step 4000
 
 Flow matching (rectified flow, logit-normal timesteps, 10% prompt dropout for CFG, AdamW, EMA)
 on renders of every task's train prompts (tinyworld.render). The text encoders are random too, so
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import scoring
-from tinyworld import (CHARSET, EVAL_BATCH, SAMPLING, TASKS, VOCAB_WORDS, clean_reward, prompt_set,
+from tiny.world import (CHARSET, EVAL_BATCH, SAMPLING, TASKS, VOCAB_WORDS, clean_reward, prompt_set,
                        sample_training_batch, shows_flaw)
 
 # -----------------------------------------------------------------------------
@@ -275,7 +275,7 @@ def main(argv=None):
     def command(steps):
         changed = [f" --{k} {getattr(args, k)}" for k in ("batch_size", "lr", "flaw_rate", "flaw_from")
                    if getattr(args, k) != PRETRAIN[k]]
-        return f"python pretrain_tiny.py --out {args.out} --steps {steps} --seed {args.seed}" + "".join(changed)
+        return f"python -m tiny.pretrain --out {args.out} --steps {steps} --seed {args.seed}" + "".join(changed)
 
     record = {"pretrain": {**PRETRAIN, **vars(args)}, "model": BASE_MODEL, "params": n_params,
               "sampling": {**SAMPLING, "eval_steps": args.eval_steps}}

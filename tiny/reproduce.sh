@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # The paper's comparison on the tiny world, from the shipped base, in one command:
 #
-#     bash reproduce_tiny.sh [RUNS_DIR]          # default runs/tiny
-#     SEEDS="0" bash reproduce_tiny.sh           # one seed of the key rows instead of three
-#     PYTHON=.venv/bin/python bash reproduce_tiny.sh   # without activating the venv
-#     JOBS=2 bash reproduce_tiny.sh              # two stages at a time, each on half the cores
+#     bash tiny/reproduce.sh [RUNS_DIR]          # default runs/tiny
+#     SEEDS="0" bash tiny/reproduce.sh           # one seed of the key rows instead of three
+#     PYTHON=.venv/bin/python bash tiny/reproduce.sh   # without activating the venv
+#     JOBS=2 bash tiny/reproduce.sh              # two stages at a time, each on half the cores
 #
 # teachers (count, text, clean) -> merge and SFT cold starts -> GRPO-Mix, OPD from the merge and
 # OPD from a fresh student (no cold start), once per seed -> the MAR sweep (beta_mar 0, 0.2, 1;
 # 0.5 is the preset), OPD with the clean teacher as anchor, with --loss pg, from the SFT init ->
 # eval.py on all (the seeded rows also as mean [min-max]; each row's paired change against the
-# merge, --vs merge) -> curves.py: every task's test score against training step for the
+# merge, --vs merge) -> tools/curves.py: every task's test score against training step for the
 # teachers, GRPO-Mix and OPD, and the MAR trade-off (clean against the mean of count and text, one
 # point per beta_mar).
 # With JOBS=N, independent stages run N at a time (OMP_NUM_THREADS = cores / N each, logs in OUT.log
@@ -19,7 +19,7 @@
 # Interrupt it at any point and run it again: a finished stage (its final/ exists) is skipped and
 # an unfinished one resumes from its last checkpoint.
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."  # the repository root: the stages and runs/ are there
 R=${1:-runs/tiny}
 PY=${PYTHON:-python}  # the interpreter with this repo's requirements (the active venv's by default)
 mkdir -p "$R"
@@ -123,8 +123,8 @@ for run in count=count text=text clean=clean grpo_mix="mix_s$S0" opd="opd_s$S0";
     if [ -e "$R/${run#*=}/metrics.jsonl" ]; then CURVES+=("${run%%=*}=$R/${run#*=}")
     else echo "== curves.png: $R/${run#*=} has no metrics.jsonl (not trained here), left out"; fi
 done
-"$PY" curves.py "${CURVES[@]}" --out "$R/curves.png"
-"$PY" curves.py --results "$R/eval/results.json" --x count,text --y clean opd_mar0 opd_mar0.2 "opd@s$S0" opd_mar1 \
+"$PY" -m tools.curves "${CURVES[@]}" --out "$R/curves.png"
+"$PY" -m tools.curves --results "$R/eval/results.json" --x count,text --y clean opd_mar0 opd_mar0.2 "opd@s$S0" opd_mar1 \
     --out "$R/mar_sweep.png"
 echo "total: $((SECONDS - start)) s this invocation; the stages in $R/times.txt add to" \
     "$(awk '{s += $(NF - 1)} END {print s + 0}' "$R/times.txt") s over every invocation"

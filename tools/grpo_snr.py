@@ -1,9 +1,9 @@
 """
 Is there a learning signal? Flow-GRPO's gradient from independent rollout batches, compared.
 
-    python grpo_snr.py --preset tiny --reward count                    # the tiny teachers' recipe
-    python grpo_snr.py --preset tiny --reward count --probe_prompts 8  # 8 prompts, as in training
-    python grpo_snr.py --preset tiny --reward clean --noise_level 0.4  # any teacher_grpo.py flag
+    python -m tools.grpo_snr --preset tiny --reward count                    # the tiny teachers' recipe
+    python -m tools.grpo_snr --preset tiny --reward count --probe_prompts 8  # 8 prompts, as in training
+    python -m tools.grpo_snr --preset tiny --reward clean --noise_level 0.4  # any teacher_grpo.py flag
 
 A teacher learns only if the gradient of one step points somewhere. This draws --batches
 independent rollout batches (prompts_per_step groups of group_size SDE samples each, the groups

@@ -1,8 +1,8 @@
 """
 What the pieces cost, in ratios measured within one run (wall-clock on shared machines drifts).
 
-    python bench.py                      # all three parts on the tiny world's base, CPU
-    python bench.py --only rollout --model stabilityai/stable-diffusion-3.5-medium --batch 8 --steps 40
+    python -m tools.bench                      # all three parts on the tiny world's base, CPU
+    python -m tools.bench --only rollout --model stabilityai/stable-diffusion-3.5-medium --batch 8 --steps 40
 
 1. rollout: our sampling loop against StableDiffusion3Pipeline.__call__ on the same pipeline,
    batch, steps and guidance, both from the same precomputed prompt embeddings, returning latents
@@ -41,9 +41,9 @@ import torch
 from safetensors.torch import save_file
 
 from lora import add_student, base_weights, load_adapter, load_teacher, save_adapter
-from pretrain_tiny import build_tiny_pipeline
+from tiny.pretrain import build_tiny_pipeline
 from sde_sampler import TINY_MODEL, encode, load_policy, rollout
-from tinyworld import SAMPLING, VOCAB_WORDS
+from tiny.world import SAMPLING, VOCAB_WORDS
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--only", choices=["rollout", "opd", "memory", "estimate"], action="append",
@@ -68,7 +68,7 @@ if args.model is None and not (TINY_MODEL / "model_index.json").exists():
     model = str(tmp / "pipe")
     build_tiny_pipeline(model, words=VOCAB_WORDS)
 if args.model in ("sd35-mini", "sd35-full"):
-    from sd35_miniature import build_sd35_miniature
+    from tools.sd35_miniature import build_sd35_miniature
     model = str(tmp / args.model)
     build_sd35_miniature(model, full=args.model == "sd35-full")
 tiny = args.model is None
@@ -258,7 +258,7 @@ if "estimate" in parts:
     import opd_distill
     import sft_coldstart
     import teacher_grpo
-    from sd35_miniature import build_sd35_miniature
+    from tools.sd35_miniature import build_sd35_miniature
     # the stages' code that estimate.py runs (it imports no stage: the stages import it)
     stages = {"opd": (opd_distill.DEFAULTS, opd_distill.distill_micro_batch),
               "grpo": (teacher_grpo.DEFAULTS, teacher_grpo.step_loss),

@@ -4,12 +4,12 @@
 # of them beside the merge init and the teachers (with each run's paired change against the merge,
 # --vs merge), and the MAR trade-off plot.
 #
-#     bash recipe_tiny.sh [RUNS_DIR]                # default runs/recipe; run it again to resume
-#     SMOKE=1 bash recipe_tiny.sh /tmp/recipe       # every run cut to one step (tests/test_reproduce.py)
-#     PYTHON=.venv/bin/python bash recipe_tiny.sh   # without activating the venv
-#     ASSETS=old/assets/tiny bash recipe_tiny.sh    # another set of teachers, merge and clean teacher
+#     bash tiny/recipe.sh [RUNS_DIR]                # default runs/recipe; run it again to resume
+#     SMOKE=1 bash tiny/recipe.sh /tmp/recipe       # every run cut to one step (tests/test_reproduce.py)
+#     PYTHON=.venv/bin/python bash tiny/recipe.sh   # without activating the venv
+#     ASSETS=old/assets/tiny bash tiny/recipe.sh    # another set of teachers, merge and clean teacher
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."  # the repository root: the stages and runs/ are there
 R=${1:-runs/recipe}
 PY=${PYTHON:-python}
 A=${ASSETS:-assets/tiny}
@@ -50,5 +50,5 @@ for b in 0 0.2 1; do run "preset_mar$b" --teachers $T2 --beta_mar "$b"; done
 run fresh --teachers $T2 --init ""
 "$PY" eval.py --preset tiny --ckpt merge=$A/merge --ckpt count=$A/count --ckpt text=$A/text "${CKPTS[@]}" \
     --vs merge --out "$R/eval" "${EVAL[@]}"
-"$PY" curves.py --results "$R/eval/results.json" --x count,text --y clean preset_mar0 velocity_anchor_base preset_mar0.2 preset preset_mar1 \
+"$PY" -m tools.curves --results "$R/eval/results.json" --x count,text --y clean preset_mar0 velocity_anchor_base preset_mar0.2 preset preset_mar1 \
     --out "$R/mar_sweep.png"
