@@ -6,6 +6,15 @@ Score any set of checkpoints side by side on every task: a table, image grids, p
     python eval.py --ckpt base --ckpt ocr=runs/ocr/final --ckpt student=runs/opd/final \\
         --tasks geneval,ocr,pickscore --out runs/eval                                      # SD3.5-Medium
     torchrun --nproc_per_node=8 eval.py --ckpt base ocr=jieliu/SD3.5M-FlowGRPO-Text --num_prompts 100 --out runs/eval
+    python eval.py --ckpt base --tasks geneval,drawbench --prompts drawbench=drawbench.txt \
+        --metrics imagereward,hps,aesthetic,clipscore,pickscore --images_per_prompt geneval=4   # quality metrics
+
+--metrics score every image of every prompt set on the metric's published scale (ImageReward's
+standardised reward, HPS v2.1, the LAION aesthetic score 1-10, CLIPScore, raw PickScore), over all
+images and per prompt set; a --tasks NAME given --prompts NAME=FILE that is no reward (drawbench)
+is a prompt set only the metrics score. A run's checkpoint is sampled at the guidance its
+config.json records (a CFG-free student from opd_distill.py --student_guidance 1 at 1) unless
+--guidance is given.
 
 Every checkpoint is a LoRA adapter on ONE loaded base (`base` is the base itself, adapters
 off); NAME=PATH names one, a bare PATH is named by its stem. Any form load_adapter accepts
@@ -35,7 +44,8 @@ and this error is what a gain is judged by (the tiny quickstart's student agains
 Writes into --out: results.json {checkpoint: {task: {"mean", "se", "strict", "n"}}} ("strict"
 where the reward has a pass/fail, for GenEval its official overall, the mean of the per-tag
 pass rates, with "strict_pooled" the rate over all images; "tags", the same per prompt tag,
-where a task's prompts have several, as GenEval's and the tiny count prompts do; "failed", the
+where a task's prompts have several, as GenEval's and the tiny count prompts do; "sets", the same
+per prompt set, for a reward or metric that scores several sets' images; "failed", the
 images the OCR engine failed on, scored 0; "vs" {"ckpt", "change", "se"} with --vs),
 results.md (the tables), grid_<task>.png (rows = prompts, columns = checkpoints, each cell's
 score in its corner), details.jsonl (one line per image and task: prompt, tag, seed, score and
