@@ -239,6 +239,7 @@ def test_bad_checkpoint_file_and_task(tiny_pipe_dir, tmp_path):
         evaluation.main(_args(tiny_pipe_dir, tmp_path / "x", "base", tasks="pickscore"))
 
 
+@pytest.mark.slow  # the README's test command skips it; .ci/run runs it after
 def test_torchrun_two_ranks_same_numbers(first_run, tiny_pipe_dir, lora_dir, tmp_path):
     out, results, details, _ = first_run
     two = tmp_path / "two"
@@ -326,6 +327,7 @@ def test_geneval_headline_is_the_mean_of_its_tags_and_failed_reads_are_reported(
     assert "Images the OCR engine failed on, scored 0 (checkpoint, task, images): base ocr 1." in table
 
 
+@pytest.mark.slow  # the README's test command skips it; .ci/run runs it after
 def test_readme_teachers_command_on_shipped_checkpoints(tmp_path):
     """The README's stage-1 table command, as written there, with 2 ODE steps instead of 20 and 1
     image per prompt instead of the preset's 4 (test_images_per_prompt_* covers several): every

@@ -49,6 +49,7 @@ def test_needs_a_reward_and_two_batches(tiny_pipe_dir, prompt_file):
         grpo_snr.main(_args(tiny_pipe_dir, prompt_file, "brightness", batches=1))
 
 
+@pytest.mark.slow  # the README's test command skips it; .ci/run runs it after
 def test_readme_command_on_the_shipped_base_cut_short():
     repo = Path(__file__).resolve().parents[1]
     res = subprocess.run([sys.executable, "-m", "tools.grpo_snr", "--preset", "tiny", "--reward", "count", "--batches", "2",

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -50,6 +51,7 @@ def test_flaws_start_at_flaw_from():
     assert late[:2] == never[:2] and late[2] != never[2]
 
 
+@pytest.mark.slow  # the README's test command skips it; .ci/run runs it after
 def test_pretraining_command_writes_base_report_and_snapshot(tmp_path):
     """docs/tinyworld.md's pretraining command, cut to 3 steps with the flaws from step 1, a snapshot
     after step 2 and 2 ODE steps in the report: both folders get a scores file (with every task's flawed share) and a grid, and

@@ -238,6 +238,7 @@ def _torchrun(tmp_path, args, nproc, port, env=None, nodes=1):
     return [(p.returncode, stdout, stderr) for p, (stdout, stderr) in zip(procs, outputs)]
 
 
+@pytest.mark.slow  # the README's test command skips it; .ci/run runs it after
 def test_a_rank_that_starts_differently_stops_the_run_before_training(tiny_pipe_dir, tmp_path, two_teachers):
     out = tmp_path / "run"
     (rc, stdout, stderr), = _torchrun(tmp_path, _opd_flags(tiny_pipe_dir, out, two_teachers, batch_size=2, max_steps=3),

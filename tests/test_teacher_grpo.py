@@ -127,6 +127,7 @@ def test_startup_errors_on_files(tiny_pipe_dir, tmp_path, prompt_file):
         teacher_grpo.main(_args(tiny_pipe_dir, tmp_path / "done", prompt_file, max_steps=1))
 
 
+@pytest.mark.slow  # the README's test command skips it; .ci/run runs it after
 def test_torchrun_two_ranks_identical_weights(tiny_pipe_dir, tmp_path, prompt_file):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
