@@ -233,6 +233,7 @@ def test_full_weights_of_another_architecture_are_refused_naming_the_key(policy,
     assert not policy.full
 
 
+@pytest.mark.slow  # the README's test command skips it; .ci/run runs it after
 def test_readme_hub_ids_reach_the_download_in_merge_opd_and_eval(policy, tiny_pipe_dir, tmp_path, monkeypatch):
     """The README's GPU recipe, its three scripts with the published ids (the download mocked: a
     tiny LoRA comes back), on the tiny pipeline: each gets past the download and finishes."""

@@ -368,6 +368,7 @@ def test_torchrun_two_ranks(tiny_pipe_dir, tmp_path):
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2]
 
 
+@pytest.mark.slow  # the README's test command skips it; .ci/run runs it after
 def test_quickstart_preset_runs_on_shipped_assets(tmp_path):
     """The README quickstart (`opd_distill.py --preset tiny`) on the shipped base and teachers,
     cut to one step: routing, both teachers, the anchor, a saved final LoRA; then the README's

@@ -231,6 +231,7 @@ def test_mixed_adapter_batch_equals_separate_forwards(policy, tmp_path):
     assert all(p.requires_grad for p in params)
 
 
+@pytest.mark.slow  # the README's test command skips it; .ci/run runs it after
 def test_torchvision_fallback_notice_is_silenced_and_other_warnings_are_not():
     import subprocess
     import sys
