@@ -228,8 +228,9 @@ def distill_micro_batch(policy, prompts, routed, anchor, sigmas, trained_steps, 
     weight * (the step losses) into the student's .grad, state by state. routed: each prompt's
     teacher adapter; anchor: the MAR adapter (BASE for the base); mar_rows: the images that
     carry the anchor KL (None: all). label_guidance: the CFG scale of each label row (the routed
-    teachers', then the anchor's); None: the rollout's. Returns the per-sample KLs to the routed
-    teacher, (B, trained_steps), and to the anchor, (len(mar_rows), trained_steps)."""
+    teachers', then the anchor's); None: --guidance. The student's own velocity is guided at
+    --student_guidance (0: --guidance; 1: its conditional velocity alone). Returns the per-sample
+    KLs to the routed teacher, (B, trained_steps), and to the anchor, (len(mar_rows), trained_steps)."""
     bs, student_guidance = len(prompts), cfg.get("student_guidance") or cfg["guidance"]
     cond = encode(policy, prompts)
     anchored = (list(range(bs)) if mar_rows is None else list(mar_rows)) if cfg["beta_mar"] else []
