@@ -11,20 +11,10 @@ from PIL import Image
 import eval as evaluation
 import opd_distill
 import scoring
-from lora import add_student, load_adapter, save_adapter
+from lora import load_adapter
 from opd_distill import distill_micro_batch
 from sde_sampler import encode, sd3_sigmas, sde_step, transition_kl, using_adapter, velocity
-
-
-def _lora(policy, folder, seed, std):
-    params = add_student(policy, rank=4, alpha=4) if policy.student is None else \
-        [p for n, p in policy.transformer.named_parameters() if ".student." in n]
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            p.normal_(std=std)
-    save_adapter(policy, "student", folder)
-    return params
+from test_opd_distill import _lora
 
 
 def _conditional_velocity(policy, x, sigma, cond):
