@@ -289,3 +289,67 @@ def eval_and_log(policy, ema, params, rows, cfg, out, step):
                    + (f"; changes since step {ref_step}, same prompts and noise" if ref_step != step else "")
                    + " (+- one standard error over prompts)")
     return summary
+
+
+def _row_stats(scores):
+    """{task: {row: prompt mean}} -> {task: (mean, standard error over prompts)}."""
+    return {t: (sum(v.values()) / len(v), standard_error(torch.tensor(list(v.values())))) for t, v in scores.items()}
+
+
+def side_by_side(student, start, references, labels):
+    """Markdown: the student's last eval beside where it started and beside each reference, every
+    task's mean ± standard error over prompts, then the student's paired change against each (the
+    same prompts and noise; bold: beyond two standard errors). Each argument is {task: {row:
+    prompt mean}}, as eval_and_log writes to samples/scores_step_N.json; labels names the student,
+    the start, then the references."""
+    tasks = list(student)
+    table = [("student", student), ("start", start), *references.items()]
+    lines = ["| | " + " | ".join(tasks) + " |", "| --- | " + " | ".join("---:" for _ in tasks) + " |"]
+    for name, scores in table:
+        stats = _row_stats(scores)
+        lines.append(f"| {labels.get(name, name)} | "
+                     + " | ".join(f"{stats[t][0]:.3f} ±{stats[t][1]:.3f}" if t in stats else "" for t in tasks) + " |")
+    for name, scores in table[1:]:
+        cells = []
+        for t in tasks:
+            change, se = paired_change(student[t], scores[t]) if t in scores else (None, None)
+            cell = "" if change is None else f"{change:+.3f} ±{se:.3f}"
+            cells.append(f"**{cell}**" if cell and abs(change) > 2 * se else cell)
+        lines.append(f"| student − {labels.get(name, name)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def final_table(policy, rows, cfg, out, references):
+    """The end of a training run with periodic evals: its student (the last eval) beside where it
+    started (the first eval) and each reference model, {name: (adapter, guidance)} (OPD: the
+    teachers), sampled from the same prompts and noise, printed and written to out/final_table.md.
+    A reference's per-prompt scores are kept in samples/scores_NAME.json, so a resumed run does not
+    sample it again. Returns the table."""
+    samples = Path(out) / "samples"
+    evals = sorted(samples.glob("scores_step_*.json"))
+    if not evals:  # a run resumed from one that logged no eval: nothing to compare
+        return None
+    found = {name: samples / f"scores_{name.replace(' ', '_')}.json" for name in references}
+    scores = {}
+    for name, (adapter, guidance) in references.items():
+        if found[name].exists():
+            scores[name] = {t: {int(i): v for i, v in s.items()} for t, s in json.loads(found[name].read_text()).items()}
+            continue
+        _, _, details = evaluate(policy, rows, cfg["eval_steps"], guidance, cfg["batch_size"], seed=cfg["seed"],
+                                 adapter=adapter, images_per_prompt=cfg.get("eval_images", 1))
+        scores[name] = {t: prompt_means([d for d in details if d["task"] == t]) for t in dict.fromkeys(r["task"] for r in rows)}
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            write_json(found[name], scores[name])
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    student, start = ({t: {int(i): v for i, v in s.items()} for t, s in json.loads(f.read_text()).items()}
+                      for f in (evals[-1], evals[0]))
+    step_of = lambda f: int(f.stem.rpartition("_")[2])  # noqa: E731
+    labels = {"student": f"student, step {step_of(evals[-1])}",
+              "start": f"start, step {step_of(evals[0])} ({Path(cfg['init']).name if cfg.get('init') else 'fresh LoRA: the base'})"}
+    text = side_by_side(student, start, scores, labels)
+    (Path(out) / "final_table.md").write_text(text + "\n")
+    print(f"\nthe student against where it started and its teachers: {len(rows)} test prompts x "
+          f"{cfg.get('eval_images', 1)} images, the same prompts and noise for all (± one standard error over "
+          f"prompts; bold: a change beyond two)\n" + text)
+    return text

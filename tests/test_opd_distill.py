@@ -286,7 +286,7 @@ def test_periodic_eval_reports_its_noise_and_the_change_since_step_0(tiny_pipe_d
     _lora(pol, tmp_path / "count", seed=5, std=0.1)
     out = tmp_path / "ev"
     opd_distill.main(_args(tiny_pipe_dir, out, [f"count={tmp_path / 'count'}"], max_steps=1, eval_every=1,
-                           eval_images=2, eval_prompts=3, lr=1e-2))
+                           eval_images=2, eval_prompts=3, lr=1e-2, eval_tasks="count,clean"))
     evals = [r for r in map(json.loads, open(out / "metrics.jsonl")) if "eval" in r]
     assert [r["step"] for r in evals] == [0, 1]
     first, second = evals[0]["eval"]["count"], evals[1]["eval"]["count"]
@@ -295,7 +295,35 @@ def test_periodic_eval_reports_its_noise_and_the_change_since_step_0(tiny_pipe_d
     ref = json.loads((out / "samples" / "scores_step_000000.json").read_text())["count"]
     now = json.loads((out / "samples" / "scores_step_000001.json").read_text())["count"]
     assert len(ref) == 3 and second["change"] == pytest.approx(sum(now[i] - ref[i] for i in ref) / 3)
-    assert "(change " in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "(change " in printed
+    # the run ends with the student beside its start and its teacher, sampled from the same prompts and noise
+    table = (out / "final_table.md").read_text()
+    assert table.strip() in printed
+    teacher = json.loads((out / "samples" / "scores_teacher_count.json").read_text())
+    start = json.loads((out / "samples" / "scores_step_000000.json").read_text())
+    assert teacher["count"].keys() == ref.keys() and teacher["clean"] != start["clean"]  # the teacher's own images
+    lines = {line.split(" | ")[0]: line for line in table.splitlines()}
+    assert f"{second['change']:+.3f}" in lines["| student − start, step 0 (fresh LoRA: the base)"]
+    assert f"{sum(now[i] - teacher['count'][i] for i in ref) / 3:+.3f}" in lines["| student − teacher count"]
+    # resumed after its last step, the run prints the same table without sampling the teacher again
+    cached = (out / "samples" / "scores_teacher_count.json").stat().st_mtime_ns
+    opd_distill.main(_args(tiny_pipe_dir, out, [f"count={tmp_path / 'count'}"], max_steps=1, eval_every=1,
+                           eval_images=2, eval_prompts=3, lr=1e-2, eval_tasks="count,clean") + ["--resume"])
+    assert (out / "samples" / "scores_teacher_count.json").stat().st_mtime_ns == cached
+    assert table.strip() in capsys.readouterr().out
+
+
+def test_side_by_side_marks_changes_beyond_two_standard_errors():
+    from scoring import side_by_side
+    start = {"count": {0: 0.2, 1: 0.4, 2: 0.6}}
+    student = {"count": {0: 0.5, 1: 0.7, 2: 0.8}}      # +0.267, every prompt up: beyond two standard errors
+    teacher = {"count": {0: 0.6, 1: 0.6, 2: 0.7}}      # +0.033 ± 0.067: within
+    table = side_by_side(student, start, {"teacher count": teacher}, {"student": "student", "start": "start"})
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
+    assert "0.667 ±0.088" in rows["student"] and "0.400 ±0.115" in rows["start"]
+    assert "**+0.267 ±0.033**" in rows["student − start"]
+    assert "+0.033 ±0.067 |" in rows["student − teacher count"] and "**" not in rows["student − teacher count"]
 
 
 def test_paired_change_and_standard_error():

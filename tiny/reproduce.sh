@@ -26,8 +26,9 @@ mkdir -p "$R"
 start=$SECONDS
 # SMOKE=1 cuts every stage to one step on a few images (tests/test_reproduce.py runs it so)
 # OPD with the anchor KL on every image (--mar_every 1): the README's tables were measured so; the
-# default since then labels the anchor on 1 image in 2 (opd_distill.py, mar_every)
-GRPO=() SFT=() OPD=(--mar_every 1) EVAL=()
+# default since then labels the anchor on 1 image in 2 (opd_distill.py, mar_every); and 60 steps with an
+# eval every 20, where the preset (the README's quickstart, from a fresh student) now runs 20
+GRPO=() SFT=() OPD=(--mar_every 1 --max_steps 60 --eval_every 20 --save_every 20) EVAL=()
 if [ "${SMOKE:-0}" = 1 ]; then
     GRPO=(--max_steps 1 --eval_every 1 --eval_prompts 1 --prompts_per_step 2 --group_size 2 --batch_size 4)
     SFT=(--samples_per_task 4 --max_steps 1 --batch_size 4 --probe_samples 4)
