@@ -165,6 +165,10 @@ def world():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def is_rank0():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def _comm(t):
     """Where a tensor must live for a collective: the GPU under nccl, the CPU under gloo."""
     return t.cuda() if dist.get_backend() == "nccl" else t.cpu()
@@ -315,25 +319,28 @@ def save_final(policy, out, config):
 
 
 def optimizer_update(params, optimizer, ema, config):
-    """One optimizer update: average gradients over ranks, clip, step, EMA. Returns the norm."""
+    """One optimizer update: average gradients over ranks, clip, step, EMA (if the run keeps
+    one). Returns the gradient norm."""
     sync_grads(params)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, config["max_grad_norm"]).item()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    ema_update(ema, params, config["ema_decay"])
+    if ema is not None:
+        ema_update(ema, params, config["ema_decay"])
     return grad_norm
 
 
 def after_step(policy, params, optimizer, ema, config, out, step):
     """The end of a training step: a checkpoint (rank 0) every save_every steps and at the last
     one, then every rank waits for the others. (The periodic eval is the stage's own call to
-    scoring.eval_and_log, just before: this module imports no other of the repo's.)"""
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    scoring.eval_and_log, just before: scoring imports this module, not the other way round.)"""
     if step % config["save_every"] == 0 or step == config["max_steps"]:
         check_in_sync(params, f"at step {step}")
-        if rank0:
-            save_checkpoint(policy, params, out, step, {"step": step, "optimizer": optimizer.state_dict(),
-                                                        "ema": [e.cpu() for e in ema]}, config, ema)
+        if is_rank0():
+            state = {"step": step, "optimizer": optimizer.state_dict()}
+            if ema is not None:
+                state["ema"] = [e.cpu() for e in ema]
+            save_checkpoint(policy, params, out, step, state, config, ema)
     barrier()
 
 
@@ -342,8 +349,7 @@ def finish_run(policy, params, out, config, ema=None):
     the EMA weights when there is an EMA, as Flow-GRPO ships them) and closes the W&B run."""
     global _wandb
     check_in_sync(params, "at the end")
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    if rank0:
+    if is_rank0():
         if world() > 1:
             print(f"ranks in sync: {world()} ranks hold identical LoRA weights")
         with ema_weights(ema, params) if ema is not None else nullcontext():
@@ -374,6 +380,90 @@ def load_training_state(folder, params):
             tmp.write_text("".join(kept))
             tmp.replace(metrics)
     return state
+
+
+# -----------------------------------------------------------------------------
+# a training run's frame, the same in OPD, GRPO and SFT: the batch arithmetic, what is checked
+# before any weight loads, the student and its optimizer (fresh or resumed), the run's folder
+
+def batch_plan(config, world):
+    """(prompts per rank, images per rank, micro-batches per rank) of one step, or a one-line
+    error where the prompts do not divide over the ranks or a rank's images into batches."""
+    if config["prompts_per_step"] % world:
+        raise ValueError(f"--prompts_per_step {config['prompts_per_step']} is not divisible by {world} ranks")
+    prompts = config["prompts_per_step"] // world
+    images = prompts * config["group_size"]
+    if images % config["batch_size"]:
+        raise ValueError(f"--batch_size {config['batch_size']} does not divide the {images} images per rank "
+                         f"({prompts} prompts x group of {config['group_size']})")
+    return prompts, images, images // config["batch_size"]
+
+
+def prepare_run(config, rewards=()):
+    """Before any weight loads: --out checked against another run's checkpoints (and the one
+    --resume continues from found), the model resolved, and the hub models of `rewards` fetched
+    (one line naming any that cannot be). Call it inside startup_errors(). Returns (out,
+    checkpoint to resume or None)."""
+    from rewards import preload
+    from sde_sampler import resolve_model
+    out = Path(config["out"])
+    resume_from = prepare_out(out, config["resume"])
+    config["model"] = resolve_model(config["model"], config["preset"])
+    preload(list(rewards))
+    return out, resume_from
+
+
+def load_base(config, device):
+    """The run's one base pipeline (teachers, anchor and student are adapters on it), loaded after
+    the torch seed, so that every rank builds the same fresh LoRA; reward models go to `device`."""
+    from rewards import set_device
+    from sde_sampler import load_policy
+    torch.manual_seed(config["seed"])
+    set_device(device)
+    return load_policy(config["model"], device=device, resolution=config["resolution"],
+                       t5_tokens=config["t5_tokens"], cache_gb=config["embed_cache_gb"])
+
+
+def start_training(policy, config, resume_from, init=None, keep_ema=True):
+    """The student and its training state: a LoRA (`init`'s, or fresh at --lora_rank), gradient
+    checkpointing if asked, AdamW and the EMA; resuming, all of them and the step from the
+    checkpoint. The ranks are then checked to start alike (the student and every frozen model).
+    Returns (params, optimizer, ema or None, step)."""
+    from lora import add_student
+    params = add_student(policy, rank=config["lora_rank"], alpha=config["lora_alpha"], init=resume_from or init)
+    if config["gradient_checkpointing"]:
+        policy.transformer.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(params, lr=config["lr"], weight_decay=config["weight_decay"])
+    ema = ema_init(params) if keep_ema else None
+    step = 0
+    if resume_from is not None:
+        state = load_training_state(resume_from, params)
+        optimizer.load_state_dict(state["optimizer"])
+        ema = [e.to(params[0].device) for e in state["ema"]] if keep_ema else None
+        step = state["step"]
+        if is_rank0():
+            print(f"resumed from {resume_from} at step {step}")
+    check_in_sync(params, f"at the start (step {step})", frozen=[policy.transformer, *policy.full.values()])
+    return params, optimizer, ema, step
+
+
+def open_run(out, config, *lines):
+    """Rank 0: the run's folder with its config.json, the W&B run if --wandb asked, and the run's
+    start-up lines printed."""
+    if is_rank0():
+        Path(out).mkdir(parents=True, exist_ok=True)
+        write_json(Path(out) / "config.json", config)
+        start_logging(out, config)
+        print("\n".join(line for line in lines if line))
+
+
+def log_step(out, record, bar, **shown):
+    """Rank 0: the step's record into metrics.jsonl (and W&B), and the progress bar on, showing
+    `shown` ({name: format}: the record's values)."""
+    if is_rank0():
+        log_metrics(out, record)
+        bar.set_postfix({k: format(record[k], f) for k, f in shown.items()})
+        bar.update(1)
 
 
 _wandb = None  # the Weights & Biases run of this process, when --wandb asked for one

@@ -366,7 +366,7 @@ def grpo_train_step(policy, batch, cfg, step_loss):
 
 def sft_step(policy, batch, cfg, loss):
     """One SFT step: the student's guided velocity at noised teacher samples, the flow-matching
-    loss (loss: sft_coldstart.flow_matching_loss), the backward (sft_coldstart's loss_on)."""
+    loss (loss: sft_coldstart.flow_matching_loss), the backward (sft_coldstart.sft_loss)."""
     from sde_sampler import encode, velocity
     x0, eps = torch.randn(batch, *policy.latent_shape), torch.randn(batch, *policy.latent_shape)
     s = torch.rand(batch)
@@ -861,6 +861,16 @@ def estimate_run(stage, cfg, model, step, world=1, encoders_on_device=False):
     def cost_at(b):
         return stage_cost(stage, runs, {**cfg, "batch_size": b}, b, weights, trainable, world, latent_shape)
     return cost_at, must_divide(stage, cfg, world)
+
+
+def check_device(stage, cfg, device, step, world=1):
+    """A training stage's start-up check on CUDA, before any weight moves there: startup_check
+    at the stage's settings against the GPU's free memory (rank 0 prints). Elsewhere nothing."""
+    if device.type == "cuda":
+        import torch.distributed as dist
+        quiet = dist.is_initialized() and dist.get_rank() != 0
+        startup_check(stage, cfg, cfg["model"], torch.cuda.mem_get_info(device)[0], step, world,
+                      log=(lambda *a, **k: None) if quiet else print)
 
 
 def startup_check(stage, cfg, model, free_bytes, step, world=1, encoders_on_device=False, spare=SPARE, log=print):

@@ -54,11 +54,10 @@ from tqdm import tqdm
 import common
 import estimate
 import scoring
-from lora import add_student, load_teacher
-from prompts import held_out_note, load_prompts, spread
-from rewards import get_reward, preload, set_device
-from sde_sampler import (BASE, adapter_velocities, cache_prompts, encode, load_policy, ppo_loss,
-                         resolve_model, sd3_sigmas, sde_step, transition_kl, velocity)
+from lora import load_teacher
+from prompts import held_out_note, load_prompts
+from sde_sampler import (BASE, adapter_velocities, cache_prompts, encode, ppo_loss, sd3_sigmas, sde_step,
+                         transition_kl, velocity)
 from tiny.world import SAMPLING as TINY
 
 # -----------------------------------------------------------------------------
@@ -120,7 +119,7 @@ DEFAULTS = dict(
 )
 TINY_ASSETS = Path(__file__).resolve().parent / "assets" / "tiny"
 PRESETS = {
-    # The tiny recipe (README, "The OPD recipe"; tiny/recipe.sh measures each change alone):
+    # The tiny recipe (docs/recipe.md; tiny/recipe.sh measures each change alone):
     # - velocity weighting: under flowgrpo the first SDE steps, where layout and counts are decided,
     #   weigh ~5000x less than the late ones, and the student never took the count teacher's lead;
     # - the base as MAR anchor at beta_mar 0.5, and only the teachers' prompts (count, text): the clean
@@ -131,10 +130,11 @@ PRESETS = {
     # - 4 images on each of 32 prompts per task at the periodic evals, with standard errors: one
     #   image per prompt moved the scores by 0.07-0.11 between evals of an unchanged student;
     # - a fresh student and 20 steps: from the base it reaches the teachers on count and text by step 20
-    #   (+0.15 and +0.32, 5 and 8 standard errors), so the quickstart shows the method work in minutes;
-    #   the merge cold start is --init assets/tiny/merge (60 steps: --max_steps 60).
+    #   (+0.15 and +0.32, 5 and 8 standard errors), so the quickstart shows the method work in minutes
+    #   (evals at steps 0 and 20 only, then the teachers': about 8 min on 2 CPU cores); the merge cold
+    #   start is --init assets/tiny/merge (60 steps: --max_steps 60).
     "tiny": dict(TINY, group_size=4, prompts_per_step=8, batch_size=16, balance_tags=True,
-                 lr=1e-3, lora_rank=8, lora_alpha=16, max_steps=20, eval_every=10, eval_prompts=32, eval_images=4,
+                 lr=1e-3, lora_rank=8, lora_alpha=16, max_steps=20, eval_every=20, eval_prompts=32, eval_images=4,
                  save_every=10, ema_decay=0.8, eval_tasks="count,text,clean", kl_weighting="velocity",
                  teachers=[f"count={TINY_ASSETS / 'count'}", f"text={TINY_ASSETS / 'text'}"],
                  anchor="", beta_mar=0.5, init=""),
@@ -278,102 +278,63 @@ def distill_micro_batch(policy, prompts, routed, anchor, sigmas, trained_steps, 
 
 # -----------------------------------------------------------------------------
 
+def check_flags(cfg):
+    """The flags that need no model, checked before anything loads: (teachers {task: path},
+    each label's guidance {task or "anchor": CFG}, alternate routing's epochs per task)."""
+    teachers = common.parse_teachers(cfg["teachers"])
+    if not teachers:
+        raise ValueError("no teachers: pass --teachers TASK=PATH ...")
+    if cfg["loss"] not in ("pathwise", "pg", "both"):
+        raise ValueError(f"unknown --loss {cfg['loss']!r}; use pathwise, pg or both")
+    if cfg["routing"] not in ("mixed", "alternate"):
+        raise ValueError(f"unknown --routing {cfg['routing']!r}; use mixed or alternate")
+    epochs = {t: float(e) for t, _, e in (s.partition("=") for s in cfg["epochs_per_task"].split(",") if s)}
+    if set(epochs) - set(teachers):
+        raise ValueError(f"--epochs_per_task names tasks without a teacher: {sorted(set(epochs) - set(teachers))}")
+    if cfg["student_guidance"] < 0:
+        raise ValueError(f"--student_guidance {cfg['student_guidance']:g}: use 0 (the --guidance) or a CFG scale > 0")
+    if cfg["mar_every"] < 1 or cfg["group_size"] % cfg["mar_every"]:
+        raise ValueError(f"--mar_every {cfg['mar_every']} must be >= 1 and divide --group_size "
+                         f"{cfg['group_size']}, so that every prompt's images share the anchor KL alike")
+    return teachers, parse_label_guidance(cfg["teacher_guidance"], list(teachers), cfg["guidance"]), epochs
+
+
 def main(argv=None):
     cfg = common.parse_config(DEFAULTS, PRESETS, argv, description=__doc__.split("\n\n")[0])
     rank, world, device = common.setup_dist()
-    master = rank == 0
     with common.startup_errors():
-        teachers = common.parse_teachers(cfg["teachers"])
-        if not teachers:
-            raise ValueError("no teachers: pass --teachers TASK=PATH ...")
-        if cfg["loss"] not in ("pathwise", "pg", "both"):
-            raise ValueError(f"unknown --loss {cfg['loss']!r}; use pathwise, pg or both")
-        if cfg["routing"] not in ("mixed", "alternate"):
-            raise ValueError(f"unknown --routing {cfg['routing']!r}; use mixed or alternate")
-        epochs = {t: float(e) for t, _, e in (s.partition("=") for s in cfg["epochs_per_task"].split(",") if s)}
-        if set(epochs) - set(teachers):
-            raise ValueError(f"--epochs_per_task names tasks without a teacher: {sorted(set(epochs) - set(teachers))}")
-        label_guidance = parse_label_guidance(cfg["teacher_guidance"], list(teachers), cfg["guidance"])
-        if cfg["student_guidance"] < 0:
-            raise ValueError(f"--student_guidance {cfg['student_guidance']:g}: use 0 (the --guidance) or a CFG scale > 0")
+        teachers, label_guidance, epochs = check_flags(cfg)
         files = common.parse_prompt_files(cfg["prompts"], list(teachers))
         train_rows = {t: load_prompts(t, "train", files.get(t)) for t in teachers}
-        eval_tasks = [t for t in (cfg["eval_tasks"].split(",") if cfg["eval_tasks"] else teachers) if t]
-        for t in eval_tasks:
-            get_reward(t)
-        eval_rows = [r for t in eval_tasks for r in spread(load_prompts(t, "test", files.get(t)), cfg["eval_prompts"])]
-        if cfg["prompts_per_step"] % world:
-            raise ValueError(f"--prompts_per_step {cfg['prompts_per_step']} is not divisible by {world} ranks")
-        prompts_per_rank = cfg["prompts_per_step"] // world
-        images_per_rank = prompts_per_rank * cfg["group_size"]
-        if images_per_rank % cfg["batch_size"]:
-            raise ValueError(f"--batch_size {cfg['batch_size']} does not divide the {images_per_rank} images per rank "
-                             f"({prompts_per_rank} prompts x group of {cfg['group_size']})")
-        if cfg["mar_every"] < 1 or cfg["group_size"] % cfg["mar_every"]:
-            raise ValueError(f"--mar_every {cfg['mar_every']} must be >= 1 and divide --group_size "
-                             f"{cfg['group_size']}, so that every prompt's images share the anchor KL alike")
-        out = Path(cfg["out"])
-        resume_from = common.prepare_out(out, cfg["resume"])
-        cfg["model"] = resolve_model(cfg["model"], cfg["preset"])
-        metrics = scoring.metric_names(cfg["metrics"])
-        preload(eval_tasks + metrics if cfg["eval_every"] else [])  # the eval rewards' and metrics' hub models, now
-        if device.type == "cuda":  # the estimated peak against the free memory, before any weight moves there
-            free = torch.cuda.mem_get_info(device)[0]
-            estimate.startup_check("opd", cfg, cfg["model"], free, distill_micro_batch, world,
-                                   log=print if master else lambda *a, **k: None)
-
-        # one base in memory; teachers, anchor and student are adapters on it, all checked first
-        torch.manual_seed(cfg["seed"])
-        set_device(device)
-        policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"], t5_tokens=cfg["t5_tokens"],
-                             cache_gb=cfg["embed_cache_gb"])
-        # a task's adapter: its teacher LoRA, or the base itself for TASK=base
+        eval_tasks, eval_rows = scoring.eval_set(cfg["eval_tasks"] or ",".join(teachers), cfg["eval_prompts"], files)
+        prompts_per_rank, images_per_rank, micro = common.batch_plan(cfg, world)
+        out, resume_from = common.prepare_run(cfg, rewards=(
+            eval_tasks + scoring.metric_names(cfg["metrics"]) if cfg["eval_every"] else []))
+        estimate.check_device("opd", cfg, device, distill_micro_batch, world)  # the memory it needs, before it loads
+        policy = common.load_base(cfg, device)
+        # one base in memory; teachers (or TASK=base: the base itself), anchor and student are adapters on it
         routes = {task: BASE if path == BASE else load_teacher(policy, path, task, cfg["teacher_rank"])
                   for task, path in teachers.items()}
-        anchor = BASE
-        if cfg["anchor"]:
-            anchor = load_teacher(policy, cfg["anchor"], "anchor", cfg["teacher_rank"])
-        init = resume_from or cfg["init"] or None
-        params = add_student(policy, rank=cfg["lora_rank"], alpha=cfg["lora_alpha"], init=init)
-    if cfg["gradient_checkpointing"]:
-        policy.transformer.enable_gradient_checkpointing()
-    micro = images_per_rank // cfg["batch_size"]
+        anchor = load_teacher(policy, cfg["anchor"], "anchor", cfg["teacher_rank"]) if cfg["anchor"] else BASE
+        params, optimizer, ema, step = common.start_training(policy, cfg, resume_from, init=cfg["init"] or None)
     trained_steps = int(cfg["num_steps"] * cfg["timestep_fraction"])
     sigmas = sd3_sigmas(policy.pipe.scheduler.config, cfg["num_steps"])
     all_rows = [r for rows in train_rows.values() for r in rows]
     cache_prompts(policy, [r["prompt"] for r in all_rows + eval_rows])
-    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    ema = common.ema_init(params)
-    step = 0
-    if resume_from is not None:
-        state = common.load_training_state(resume_from, params)
-        optimizer.load_state_dict(state["optimizer"])
-        ema = [e.to(device) for e in state["ema"]]
-        step = state["step"]
-    common.check_in_sync(params, f"at the start (step {step})", frozen=[policy.transformer, *policy.full.values()])
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        common.write_json(out / "config.json", cfg)
-        common.start_logging(out, cfg)
-        print(f"train prompts: {', '.join(f'{t} {len(r)}' for t, r in train_rows.items())}")
-        for note in filter(None, map(held_out_note, files.values())):
-            print(note)
-        if cfg["teacher_guidance"] or cfg["student_guidance"]:
-            print("label guidance: " + ", ".join(f"{k} {v:g}" for k, v in label_guidance.items())
-                  + f" (rollout and student {cfg['student_guidance'] or cfg['guidance']:g})")
-        print(f"teachers {teachers} | anchor {cfg['anchor'] or 'base'} (beta_mar {cfg['beta_mar']}, on 1 image "
-              f"in {cfg['mar_every']}) | "
-              f"init {init or 'fresh LoRA'} | loss {cfg['loss']} | routing {cfg['routing']}")
-        print(f"per step: {cfg['prompts_per_step']} prompts x group {cfg['group_size']} = "
-              f"{cfg['prompts_per_step'] * cfg['group_size']} images over {world} rank(s); per rank "
-              f"{images_per_rank} images in {micro} micro-batches of {cfg['batch_size']}; "
-              f"{trained_steps} of {cfg['num_steps']} steps trained; {sum(p.numel() for p in params)} trainable")
-        if resume_from is not None:
-            print(f"resumed from {resume_from} at step {step}")
+    common.open_run(
+        out, cfg, f"train prompts: {', '.join(f'{t} {len(r)}' for t, r in train_rows.items())}",
+        *map(held_out_note, files.values()),
+        f"teachers {teachers} | anchor {cfg['anchor'] or 'base'} (beta_mar {cfg['beta_mar']}, on 1 image in "
+        f"{cfg['mar_every']}) | init {resume_from or cfg['init'] or 'fresh LoRA'} | loss {cfg['loss']} | "
+        f"routing {cfg['routing']} | label guidance " + ", ".join(f"{k} {v:g}" for k, v in label_guidance.items())
+        + f", student {cfg['student_guidance'] or cfg['guidance']:g}",
+        f"per step: {cfg['prompts_per_step']} prompts x group {cfg['group_size']} over {world} rank(s); per rank "
+        f"{images_per_rank} images in {micro} micro-batches of {cfg['batch_size']}; {trained_steps} of "
+        f"{cfg['num_steps']} steps trained; {sum(p.numel() for p in params)} trainable")
 
     if cfg["eval_every"] and step == 0:
         scoring.eval_and_log(policy, ema, params, eval_rows, cfg, out, 0)
-    bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, desc="opd")
+    bar = tqdm(total=cfg["max_steps"], initial=step, disable=rank != 0, desc="opd")
     while step < cfg["max_steps"]:
         t0 = time.time()
         rows = all_rows if cfg["routing"] == "mixed" else train_rows[task_schedule(
@@ -385,38 +346,33 @@ def main(argv=None):
         # one pass per micro-batch: the student's rollout, the routed teachers' and the anchor's labels at
         # its states, the per-step loss and its backward; then one optimizer update on the summed gradient
         policy.transformer.train()
-        kl_sum = torch.zeros(len(teachers), trained_steps)
-        kl_cnt = torch.zeros(len(teachers), 1)
         task_ids = torch.tensor([list(teachers).index(r["task"]) for r in batch_rows])
-        mar_sum = torch.zeros(trained_steps)
+        kl_sum, mar_sum = torch.zeros(len(teachers), trained_steps), torch.zeros(trained_steps)
         for m in range(micro):
-            idx = torch.arange(m * cfg["batch_size"], (m + 1) * cfg["batch_size"])
-            rows_m = [batch_rows[i] for i in idx.tolist()]
-            mar_rows = [k for k, i in enumerate(idx.tolist()) if i % cfg["mar_every"] == 0]  # i: image of the step
+            idx = list(range(m * cfg["batch_size"], (m + 1) * cfg["batch_size"]))
+            rows_m = [batch_rows[i] for i in idx]
+            mar_rows = [k for k, i in enumerate(idx) if i % cfg["mar_every"] == 0]  # i: the image's place in the step
             row_guidance = ([label_guidance[r["task"]] for r in rows_m] + [label_guidance["anchor"]] * len(mar_rows)
                             if cfg["teacher_guidance"] else None)
             kl, mar = distill_micro_batch(policy, [r["prompt"] for r in rows_m], [routes[r["task"]] for r in rows_m],
                                           anchor, sigmas, trained_steps, gen, cfg, 1 / (micro * trained_steps),
                                           row_guidance, mar_rows)
-            kl_cnt[:, 0] += torch.bincount(task_ids[idx], minlength=len(teachers))
-            kl_sum += torch.zeros(len(teachers), trained_steps).index_add_(0, task_ids[idx], kl.cpu())
+            kl_sum.index_add_(0, task_ids[idx], kl.cpu())
             mar_sum += mar.sum(0).cpu()
         grad_norm = common.optimizer_update(params, optimizer, ema, cfg)
         step += 1
 
         # per task and per trajectory step: the KL to the teacher (it must fall) and the MAR KL
-        kl_tab = (common.all_mean(kl_sum) / common.all_mean(kl_cnt).clamp(min=1e-9)).float()
+        kl_cnt = common.all_mean(torch.bincount(task_ids, minlength=len(teachers)).float())
+        kl_tab = common.all_mean(kl_sum).float() / kl_cnt.clamp(min=1e-9)[:, None]
         mar_tab = common.all_mean(mar_sum).float() / (images_per_rank // cfg["mar_every"])
-        seen = common.all_mean(kl_cnt[:, 0]) > 0
-        record = {"step": step, "kl": kl_tab[seen].mean().item(), "mar_kl": mar_tab.mean().item(),
+        seen = [t for k, t in enumerate(teachers) if kl_cnt[k] > 0]
+        record = {"step": step, "kl": kl_tab[kl_cnt > 0].mean().item(), "mar_kl": mar_tab.mean().item(),
                   "grad_norm": grad_norm, "sec": time.time() - t0,
-                  "kl_by_task": {t: kl_tab[k].mean().item() for k, t in enumerate(teachers) if seen[k]},
-                  "kl_by_step": {t: [round(v, 6) for v in kl_tab[k].tolist()] for k, t in enumerate(teachers) if seen[k]},
+                  "kl_by_task": {t: kl_tab[list(teachers).index(t)].mean().item() for t in seen},
+                  "kl_by_step": {t: [round(v, 6) for v in kl_tab[list(teachers).index(t)].tolist()] for t in seen},
                   "mar_by_step": [round(v, 6) for v in mar_tab.tolist()]}
-        if master:
-            common.log_metrics(out, record)
-            bar.set_postfix(kl=f"{record['kl']:.3e}", mar=f"{record['mar_kl']:.2e}")
-            bar.update(1)
+        common.log_step(out, record, bar, kl=".3e", mar_kl=".2e")
         if cfg["eval_every"] and (step % cfg["eval_every"] == 0 or step == cfg["max_steps"]):
             scoring.eval_and_log(policy, ema, params, eval_rows, cfg, out, step)
         common.after_step(policy, params, optimizer, ema, cfg, out, step)

@@ -249,6 +249,18 @@ def metric_names(spec):
     return names
 
 
+def eval_set(spec, n, files=None):
+    """The periodic evals' prompts: "count,text" -> (the tasks, their rows), n test prompts of
+    each task spread over its set (prompts.spread), from files[task] where given; a task with no
+    reward is a one-line error before anything loads."""
+    from prompts import load_prompts, spread
+    from rewards import get_reward
+    tasks = [t.strip() for t in spec.split(",") if t.strip()]
+    for t in tasks:
+        get_reward(t)
+    return tasks, [r for t in tasks for r in spread(load_prompts(t, "test", (files or {}).get(t)), n)]
+
+
 def eval_and_log(policy, ema, params, rows, cfg, out, step):
     """The periodic eval of a training run: EMA weights, ODE samples of every task's test
     prompts (eval_images each), each task's score with its standard error into metrics.jsonl,
@@ -345,11 +357,12 @@ def final_table(policy, rows, cfg, out, references):
     student, start = ({t: {int(i): v for i, v in s.items()} for t, s in json.loads(f.read_text()).items()}
                       for f in (evals[-1], evals[0]))
     step_of = lambda f: int(f.stem.rpartition("_")[2])  # noqa: E731
-    labels = {"student": f"student, step {step_of(evals[-1])}",
-              "start": f"start, step {step_of(evals[0])} ({Path(cfg['init']).name if cfg.get('init') else 'fresh LoRA: the base'})"}
+    labels = {"student": f"student (step {step_of(evals[-1])})",
+              "start": f"start (step {step_of(evals[0])}: {cfg.get('init') or 'the base'})"}
     text = side_by_side(student, start, scores, labels)
     (Path(out) / "final_table.md").write_text(text + "\n")
-    print(f"\nthe student against where it started and its teachers: {len(rows)} test prompts x "
-          f"{cfg.get('eval_images', 1)} images, the same prompts and noise for all (± one standard error over "
-          f"prompts; bold: a change beyond two)\n" + text)
+    per_task = ", ".join(f"{t} {len(v)}" for t, v in student.items())
+    print(f"\nthe student beside where it started and its teachers, on the same test prompts ({per_task}) and "
+          f"noise, {cfg.get('eval_images', 1)} images each; ± one standard error over prompts, bold: a change "
+          f"beyond two\n" + text)
     return text

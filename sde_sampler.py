@@ -45,7 +45,7 @@ BASE = "base"  # the adapter name that means "all adapters disabled"
 
 # -----------------------------------------------------------------------------
 # maths: pure functions of tensors (the SDE step and its log-prob, the transition KL, CFG, GRPO's
-# advantages and clipped surrogate), each checked against torch.distributions or a direct computation
+# advantages and clipped surrogate, the flow-matching loss), each checked against torch.distributions or a direct computation
 
 def _per_sample(s, x):
     """A float or (B,) tensor of sigmas, broadcastable against x (B, ...)."""
@@ -140,6 +140,18 @@ def ppo_loss(log_prob, old_log_prob, advantages, clip_range):
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
     return torch.maximum(unclipped, clipped).mean(), ((ratio - 1).abs() > clip_range).float().mean()
+
+
+def noisy(x0, eps, s):
+    """The rectified flow's state between data x0 and noise eps: x_s = (1 - s) x0 + s eps, s per
+    sample (SD3's forward process; the sigma of the sampler's steps)."""
+    return (1 - _per_sample(s, x0)) * x0 + _per_sample(s, x0) * eps
+
+
+def flow_matching_loss(v, x0, eps):
+    """The rectified-flow loss of velocities v predicted at noisy(x0, eps, s): their target is
+    eps - x0 at every s (SD3's pretraining loss; the SFT cold start and the tiny base use it)."""
+    return ((v - (eps - x0)) ** 2).mean()
 
 
 # -----------------------------------------------------------------------------

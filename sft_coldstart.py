@@ -26,9 +26,9 @@ from tqdm import tqdm
 
 import common
 import estimate
-from lora import add_student, is_full_weights, load_teacher, read_lora
+from lora import is_full_weights, load_teacher, read_lora
 from prompts import load_prompts
-from sde_sampler import encode, initial_noise, load_policy, resolve_model, rollout, velocity
+from sde_sampler import encode, flow_matching_loss, initial_noise, noisy, rollout, velocity
 from tiny.world import SAMPLING as TINY
 
 # -----------------------------------------------------------------------------
@@ -69,17 +69,6 @@ PRESETS = {
 # -----------------------------------------------------------------------------
 # the maths and the teachers' samples
 
-def noisy(x0, eps, s):
-    """x_s = (1 - s) x0 + s eps, s per sample."""
-    s = s.view(-1, *([1] * (x0.dim() - 1)))
-    return (1 - s) * x0 + s * eps
-
-
-def flow_matching_loss(v, x0, eps):
-    """The plain rectified-flow loss: the velocity's target is eps - x0."""
-    return ((v - (eps - x0)) ** 2).mean()
-
-
 def sample_key(cfg):
     """What the cached teacher samples depend on: a cache with another key is sampled again."""
     return {k: cfg[k] for k in ("model", "teachers", "samples_per_task", "sample_steps", "guidance", "resolution",
@@ -117,6 +106,7 @@ def teacher_samples(policy, cfg, names, rows, rank, world, cache):
             bar.update(len(chunk))
     bar.close()
     latents = torch.cat(latents)
+    cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(cache.name + ".tmp")
     torch.save({"key": key, "prompts": prompts, "latents": latents}, tmp)
     tmp.replace(cache)
@@ -131,127 +121,85 @@ def fm_batch(n, batch_size, shape, generator, logit_mean, logit_std, idx=None):
     return idx, eps, s
 
 
+# The student is trained and used with CFG: its *guided* velocity v_u + w (v_c - v_u) is fit to
+# the teachers' samples, which were themselves drawn with CFG. The guided velocity is what
+# sampling and opd_distill.py use (distilled velocities are guided ones), so its flow-matching
+# minimiser reproduces the teachers' sample distribution under the same guidance. Training the
+# conditional velocity alone would fit guided samples and then be guided once more at sampling.
+# The price: the gradient reaches the unconditional half scaled by (1 - w), -3.5 at w = 4.5, so
+# that half moves against the error and 3.5x as hard; the guided sum is what is fit, not each half.
+def sft_loss(policy, prompts, latents, idx, eps, s, cfg):
+    """The flow-matching loss of the student's guided velocity on the teachers' samples idx, at
+    noise eps and sigmas s (an fm_batch)."""
+    x0, eps, s = latents[idx].to(policy.device), eps.to(policy.device), s.to(policy.device)
+    v = velocity(policy, noisy(x0, eps, s), s, encode(policy, [prompts[i] for i in idx]), cfg["guidance"])
+    return flow_matching_loss(v, x0, eps)
+
+
+@torch.no_grad()
+def log_probe(policy, prompts, latents, probe, cfg, out, step):
+    """The probe: the loss on fixed samples (spread over the tasks), noise and sigmas, so that its
+    curve shows learning rather than the sampling noise of the training batches."""
+    b, n = cfg["batch_size"], len(probe[0])
+    total = sum(sft_loss(policy, prompts, latents, *(t[i:i + b] for t in probe), cfg).item() * len(probe[0][i:i + b])
+                for i in range(0, n, b))
+    value = common.all_mean(total / n).item()
+    if common.is_rank0():
+        common.log_metrics(out, {"step": step, "probe_loss": value})
+        tqdm.write(f"step {step}: probe flow-matching loss {value:.4f}")
+
+
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
     cfg = common.parse_config(DEFAULTS, PRESETS, argv, description=__doc__.split("\n\n")[0])
     rank, world, device = common.setup_dist()
-    master = rank == 0
-    out = Path(cfg["out"])
     with common.startup_errors():
         teachers = common.parse_teachers(cfg["teachers"])
         if not teachers:
             raise ValueError("no teachers: pass --teachers TASK=LORA ...")
         if cfg["samples_per_task"] < 1 or cfg["batch_size"] < 1:
             raise ValueError("--samples_per_task and --batch_size must be positive")
-        names, sources = list(teachers), list(teachers.values())
-        for s in sources:  # every LoRA readable before the pipeline loads; its layers are checked on loading
-            if not is_full_weights(s):
-                read_lora(s)
-        rows = {n: load_prompts(n, "train") for n in names}
-        resume_from = common.prepare_out(out, cfg["resume"])
-        cfg["model"] = resolve_model(cfg["model"], cfg["preset"])
-        if device.type == "cuda":  # the estimated peak against the free memory, before any weight moves there
-            free = torch.cuda.mem_get_info(device)[0]
-            estimate.startup_check("sft", cfg, cfg["model"], free, flow_matching_loss, world,
-                                   log=print if master else lambda *a, **k: None)
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        common.write_json(out / "config.json", cfg)
-        common.start_logging(out, cfg)
-        for n, s in teachers.items():
-            print(f"teacher {n}: {s}")
-    torch.manual_seed(cfg["seed"])  # the student's initial A: the same on every rank
-    with common.startup_errors():  # a model the hub cannot give: one line
-        policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"], t5_tokens=cfg["t5_tokens"],
-                             cache_gb=cfg["embed_cache_gb"])
-    with common.startup_errors():
-        for n, s in zip(names, sources):  # a LoRA, or full weights sampled through their own copy
-            load_teacher(policy, s, n)
-    if resume_from is not None:
-        params = add_student(policy, init=resume_from)
-    else:
-        params = add_student(policy, rank=cfg["lora_rank"], alpha=cfg["lora_alpha"])
-    if cfg["gradient_checkpointing"]:
-        policy.transformer.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    step = 0
-    if resume_from is not None:
-        state = common.load_training_state(resume_from, params)
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-        if master:
-            print(f"resumed from {resume_from} at step {step}")
-    common.check_in_sync(params, f"at the start (step {step})", frozen=[policy.transformer, *policy.full.values()])
-    if master:
-        print(f"sft: {len(names)} teachers x {cfg['samples_per_task']} ODE samples ({cfg['sample_steps']} steps, "
-              f"guidance {cfg['guidance']}) over {world} rank(s); then {cfg['max_steps']} steps x {cfg['batch_size']} "
-              f"samples per rank = {cfg['batch_size'] * world} per step, student LoRA r={cfg['lora_rank']} "
-              f"alpha={cfg['lora_alpha']}")
-    prompts, latents = teacher_samples(policy, cfg, names, rows, rank, world,
+        for source in teachers.values():  # every LoRA readable before the pipeline loads; its layers are checked on loading
+            if not is_full_weights(source):
+                read_lora(source)
+        rows = {n: load_prompts(n, "train") for n in teachers}
+        out, resume_from = common.prepare_run(cfg)
+        estimate.check_device("sft", cfg, device, flow_matching_loss, world)  # the memory it needs, before it loads
+        policy = common.load_base(cfg, device)
+        for n, source in teachers.items():  # a LoRA, or full weights sampled through their own copy
+            load_teacher(policy, source, n)
+        params, optimizer, _, step = common.start_training(policy, cfg, resume_from, keep_ema=False)
+    common.open_run(
+        out, cfg, *(f"teacher {n}: {source}" for n, source in teachers.items()),
+        f"sft: {len(teachers)} teachers x {cfg['samples_per_task']} ODE samples ({cfg['sample_steps']} steps, "
+        f"guidance {cfg['guidance']}) over {world} rank(s); then {cfg['max_steps']} steps x {cfg['batch_size']} "
+        f"samples per rank = {cfg['batch_size'] * world} per step, student LoRA r={cfg['lora_rank']} "
+        f"alpha={cfg['lora_alpha']}")
+    prompts, latents = teacher_samples(policy, cfg, list(teachers), rows, rank, world,
                                        out / f"sft_samples.{rank}-of-{world}.pt")
-    shape = latents.shape[1:]
-
-    # The student is trained and used with CFG: its *guided* velocity v_u + w (v_c - v_u) is fit to
-    # the teachers' samples, which were themselves drawn with CFG. The guided velocity is what
-    # sampling and opd_distill.py use (distilled velocities are guided ones), so its flow-matching
-    # minimiser reproduces the teachers' sample distribution under the same guidance. Training the
-    # conditional velocity alone would fit guided samples and then be guided once more at sampling.
-    # The price: the gradient reaches the unconditional half scaled by (1 - w), -3.5 at w = 4.5, so
-    # that half moves against the error and 3.5x as hard; the guided sum is what is fit, not each half.
-    def loss_on(idx, eps, s):
-        x0 = latents[idx].to(device)
-        eps = eps.to(device)
-        v = velocity(policy, noisy(x0, eps, s.to(device)), s.to(device), encode(policy, [prompts[i] for i in idx]),
-                     cfg["guidance"])
-        return flow_matching_loss(v, x0, eps)
-
-    # the probe: the loss on fixed samples (spread over the tasks), noise and sigmas, so that its
-    # curve shows learning rather than the sampling noise of the training batches
     n_probe = min(cfg["probe_samples"], len(prompts))
-    probe = fm_batch(len(prompts), n_probe, shape, common.step_generator("cpu", cfg["seed"], 0, 0, "probe"), cfg["logit_mean"],
-                     cfg["logit_std"], idx=torch.linspace(0, len(prompts) - 1, n_probe).long())
-
-    @torch.no_grad()
-    def probe_loss():
-        b = cfg["batch_size"]
-        total = sum(loss_on(*(t[i:i + b] for t in probe)).item() * len(probe[0][i:i + b]) for i in range(0, n_probe, b))
-        return common.all_mean(total / n_probe).item()
-
-    def log_probe(step):
-        value = probe_loss()
-        if master:
-            common.log_metrics(out, {"step": step, "probe_loss": value})
-            tqdm.write(f"step {step}: probe flow-matching loss {value:.4f}")
+    probe = fm_batch(len(prompts), n_probe, latents.shape[1:], common.step_generator("cpu", cfg["seed"], 0, 0, "probe"),
+                     cfg["logit_mean"], cfg["logit_std"], idx=torch.linspace(0, len(prompts) - 1, n_probe).long())
 
     if step == 0:
-        log_probe(0)
+        log_probe(policy, prompts, latents, probe, cfg, out, 0)
     policy.transformer.train()
-    bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, desc="sft")
+    bar = tqdm(total=cfg["max_steps"], initial=step, disable=rank != 0, desc="sft")
     while step < cfg["max_steps"]:
         t0 = time.time()
         gen = common.step_generator("cpu", cfg["seed"], step, rank)
-        loss = loss_on(*fm_batch(len(prompts), cfg["batch_size"], shape, gen, cfg["logit_mean"], cfg["logit_std"]))
+        batch = fm_batch(len(prompts), cfg["batch_size"], latents.shape[1:], gen, cfg["logit_mean"], cfg["logit_std"])
+        loss = sft_loss(policy, prompts, latents, *batch, cfg)
         loss.backward()
-        common.sync_grads(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["max_grad_norm"]).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = common.optimizer_update(params, optimizer, None, cfg)
         step += 1
         record = {"step": step, "loss": common.all_mean(loss.item()).item(), "grad_norm": grad_norm,
                   "sec": time.time() - t0}
-        if master:
-            common.log_metrics(out, record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
-            bar.update(1)
+        common.log_step(out, record, bar, loss=".4f")
         if (cfg["probe_every"] and step % cfg["probe_every"] == 0) or step == cfg["max_steps"]:
-            log_probe(step)
-        if step % cfg["save_every"] == 0 or step == cfg["max_steps"]:
-            common.check_in_sync(params, f"at step {step}")
-            if master:
-                common.save_checkpoint(policy, params, out, step, {"step": step, "optimizer": optimizer.state_dict()},
-                                       cfg)
-        common.barrier()
+            log_probe(policy, prompts, latents, probe, cfg, out, step)
+        common.after_step(policy, params, optimizer, None, cfg, out, step)
     bar.close()
     common.finish_run(policy, params, out, cfg)  # final/, "done", and the process group closed
 

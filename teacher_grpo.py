@@ -17,7 +17,6 @@ beta * KL(student || base). Gradients are averaged over ranks once per optimizer
 
 import sys
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -25,12 +24,10 @@ from tqdm import tqdm
 import common
 import estimate
 import scoring
-from lora import add_student
-from prompts import held_out_note, load_prompts, spread
-from rewards import get_reward, parse_reward_spec, preload, set_device
-from sde_sampler import (BASE, adapter_velocities, cache_prompts, decode, encode, group_advantages,
-                         load_policy, ppo_loss, resolve_model, rollout_batches, sde_step, transition_kl,
-                         velocity)
+from prompts import held_out_note, load_prompts
+from rewards import get_reward, parse_reward_spec
+from sde_sampler import (BASE, adapter_velocities, cache_prompts, decode, encode, group_advantages, ppo_loss,
+                         rollout_batches, sde_step, transition_kl, velocity)
 from tiny.world import SAMPLING as TINY
 
 # -----------------------------------------------------------------------------
@@ -108,87 +105,57 @@ def step_loss(policy, traj, idx, j, adv, cond, cfg):
 
 # -----------------------------------------------------------------------------
 
+def task_rewards(images, rows, rewards, shared=None):
+    """Each image's reward, by its own task's reward (rewards: {task: reward function}) plus the
+    shared reward on every image where there is one: a float tensor on the CPU."""
+    scores = torch.zeros(len(rows))
+    for t, reward in rewards.items():
+        idx = [i for i, r in enumerate(rows) if r["task"] == t]
+        if idx:
+            scores[idx] = reward([images[i] for i in idx], [rows[i]["prompt"] for i in idx],
+                                 [rows[i]["metadata"] for i in idx])[0].float().cpu()
+    if shared is not None:
+        scores += shared(images, [r["prompt"] for r in rows], [r["metadata"] for r in rows])[0].float().cpu()
+    return scores
+
+
 def main(argv=None):
     cfg = common.parse_config(DEFAULTS, PRESETS, argv, description=__doc__.split("\n\n")[0])
     rank, world, device = common.setup_dist()
-    master = rank == 0
     with common.startup_errors():
         if bool(cfg["reward"]) == bool(cfg["tasks"]):
             raise ValueError("give exactly one of --reward (a teacher) or --tasks (GRPO-Mix)")
         tasks = [cfg["reward"]] if cfg["reward"] else [t.strip() for t in cfg["tasks"].split(",") if t.strip()]
         rewards = {t: get_reward(t) for t in tasks}
         shared = parse_reward_spec(cfg["shared_reward"]) if cfg["shared_reward"] else None
-        eval_tasks = [t.strip() for t in cfg["eval_tasks"].split(",") if t.strip()]
-        for t in eval_tasks:
-            get_reward(t)
         if cfg["prompts"] and len(tasks) > 1:
             raise ValueError("--prompts is for a single --reward; GRPO-Mix uses each task's built-in set")
         train_rows = [r for t in tasks for r in load_prompts(t, "train", cfg["prompts"] or None)]
-        eval_rows = [r for t in eval_tasks for r in spread(load_prompts(
-            t, "test", cfg["prompts"] if (t == cfg["reward"] and cfg["prompts"]) else None), cfg["eval_prompts"])]
-        if cfg["prompts_per_step"] % world:
-            raise ValueError(f"--prompts_per_step {cfg['prompts_per_step']} is not divisible by {world} ranks")
-        prompts_per_rank = cfg["prompts_per_step"] // world
-        images_per_rank = prompts_per_rank * cfg["group_size"]
-        if images_per_rank % cfg["batch_size"]:
-            raise ValueError(f"--batch_size {cfg['batch_size']} does not divide the {images_per_rank} images per rank "
-                             f"({prompts_per_rank} prompts x group of {cfg['group_size']})")
-        micro = images_per_rank // cfg["batch_size"]
+        eval_tasks, eval_rows = scoring.eval_set(cfg["eval_tasks"], cfg["eval_prompts"],
+                                                 {cfg["reward"]: cfg["prompts"]} if cfg["prompts"] else {})
+        prompts_per_rank, images_per_rank, micro = common.batch_plan(cfg, world)
         if micro % cfg["updates_per_step"]:
             raise ValueError(f"--updates_per_step {cfg['updates_per_step']} does not divide the {micro} micro-batches")
         if cfg["group_size"] < 2:
             raise ValueError("--group_size must be at least 2 (advantages compare images of one prompt)")
-        out = Path(cfg["out"])
-        resume_from = common.prepare_out(out, cfg["resume"])
-        cfg["model"] = resolve_model(cfg["model"], cfg["preset"])
-        metrics = scoring.metric_names(cfg["metrics"])
-        preload([*tasks, cfg["shared_reward"], *(eval_tasks + metrics if cfg["eval_every"] else [])])  # hub models now
-        if device.type == "cuda":  # the estimated peak against the free memory, before any weight moves there
-            free = torch.cuda.mem_get_info(device)[0]
-            estimate.startup_check("grpo", cfg, cfg["model"], free, step_loss, world,
-                                   log=print if master else lambda *a, **k: None)
+        out, resume_from = common.prepare_run(cfg, rewards=[
+            *tasks, cfg["shared_reward"], *(eval_tasks + scoring.metric_names(cfg["metrics"]) if cfg["eval_every"] else [])])
+        estimate.check_device("grpo", cfg, device, step_loss, world)  # the memory it needs, before it loads
+        policy = common.load_base(cfg, device)
+        cache_prompts(policy, [r["prompt"] for r in train_rows + eval_rows])
+        params, optimizer, ema, step = common.start_training(policy, cfg, resume_from)
     trained_steps = int(cfg["num_steps"] * cfg["timestep_fraction"])
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        common.write_json(out / "config.json", cfg)
-        common.start_logging(out, cfg)
-        print(f"tasks {tasks} | {len(train_rows)} train prompts | eval {eval_tasks} x {cfg['eval_prompts']}")
-        if note := held_out_note(cfg["prompts"]):
-            print(note)
-        print(f"per step: {cfg['prompts_per_step']} prompts x group {cfg['group_size']} = "
-              f"{cfg['prompts_per_step'] * cfg['group_size']} images over {world} rank(s); per rank "
-              f"{prompts_per_rank} prompts, {images_per_rank} images in {micro} micro-batches of "
-              f"{cfg['batch_size']}; {cfg['updates_per_step']} optimizer update(s) x {trained_steps} trained "
-              f"steps of {cfg['num_steps']}")
-
-    # setup: one base, the student LoRA on it, the optimizer and its EMA
-    torch.manual_seed(cfg["seed"])
-    set_device(device)
-    with common.startup_errors():  # a model the hub cannot give: one line
-        policy = load_policy(cfg["model"], device=device, resolution=cfg["resolution"], t5_tokens=cfg["t5_tokens"],
-                             cache_gb=cfg["embed_cache_gb"])
-    cache_prompts(policy, [r["prompt"] for r in train_rows + eval_rows])
-    if resume_from is not None:
-        params = add_student(policy, init=resume_from)
-    else:
-        params = add_student(policy, rank=cfg["lora_rank"], alpha=cfg["lora_alpha"])
-    if cfg["gradient_checkpointing"]:
-        policy.transformer.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    ema = common.ema_init(params)
-    step = 0
-    if resume_from is not None:
-        state = common.load_training_state(resume_from, params)
-        optimizer.load_state_dict(state["optimizer"])
-        ema = [e.to(device) for e in state["ema"]]
-        step = state["step"]
-        if master:
-            print(f"resumed from {resume_from} at step {step}")
-    common.check_in_sync(params, f"at the start (step {step})", frozen=[policy.transformer])
+    per_update = micro // cfg["updates_per_step"]
+    common.open_run(
+        out, cfg, f"tasks {tasks} | {len(train_rows)} train prompts | eval {eval_tasks} x {cfg['eval_prompts']}",
+        held_out_note(cfg["prompts"]),
+        f"per step: {cfg['prompts_per_step']} prompts x group {cfg['group_size']} over {world} rank(s); per rank "
+        f"{images_per_rank} images in {micro} micro-batches of {cfg['batch_size']}; {cfg['updates_per_step']} "
+        f"optimizer update(s) x {trained_steps} trained steps of {cfg['num_steps']}")
 
     if cfg["eval_every"] and step == 0:
         scoring.eval_and_log(policy, ema, params, eval_rows, cfg, out, 0)
-    bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master, desc="grpo")
+    bar = tqdm(total=cfg["max_steps"], initial=step, disable=rank != 0, desc="grpo")
     while step < cfg["max_steps"]:
         t0 = time.time()
         gen = common.step_generator(device, cfg["seed"], step, rank)
@@ -203,54 +170,37 @@ def main(argv=None):
                                generator=gen, sde_steps=trained_steps)
 
         # rewards: each image by its own task's reward (+ the shared one), then group advantages
-        images = decode(policy, traj["latents"], cfg["batch_size"])
-        scores = torch.zeros(images_per_rank)
-        for t in tasks:
-            idx = [i for i, r in enumerate(batch_rows) if r["task"] == t]
-            if idx:
-                s, _ = rewards[t]([images[i] for i in idx], [batch_rows[i]["prompt"] for i in idx],
-                                  [batch_rows[i]["metadata"] for i in idx])
-                scores[idx] = s.float().cpu()
-        if shared is not None:
-            scores += shared(images, [r["prompt"] for r in batch_rows], [r["metadata"] for r in batch_rows])[0].float().cpu()
+        scores = task_rewards(decode(policy, traj["latents"], cfg["batch_size"]), batch_rows, rewards, shared)
         all_scores = torch.cat([torch.as_tensor(s) for s in common.all_gather_objects(scores)])
-        all_groups = torch.cat([g + k * prompts_per_rank for k, g in enumerate(
-            common.all_gather_objects(groups))])
+        all_groups = torch.cat([g + k * prompts_per_rank for k, g in enumerate(common.all_gather_objects(groups))])
         adv = group_advantages(all_scores, all_groups, cfg["global_std"], cfg["adv_clip"])
         adv = adv[rank * images_per_rank:(rank + 1) * images_per_rank].to(device)
 
         # training: PPO on the per-step log-prob ratio + beta * KL to the base, over trained steps
         policy.transformer.train()
-        shuffle = common.step_generator("cpu", cfg["seed"], step, rank, "shuffle")
-        order = torch.randperm(images_per_rank, generator=shuffle)
-        per_update = micro // cfg["updates_per_step"]
+        order = torch.randperm(images_per_rank, generator=common.step_generator("cpu", cfg["seed"], step, rank, "shuffle"))
         stats = {"policy_loss": 0.0, "kl": 0.0, "clipfrac": 0.0}  # summed as tensors: no .item() wait per step
+        n = cfg["updates_per_step"] * per_update * trained_steps
         for u in range(cfg["updates_per_step"]):
-            for m in range(per_update):
-                idx = order[(u * per_update + m) * cfg["batch_size"]:(u * per_update + m + 1) * cfg["batch_size"]]
+            for m in range(u * per_update, (u + 1) * per_update):
+                idx = order[m * cfg["batch_size"]:(m + 1) * cfg["batch_size"]]
                 cond = encode(policy, [batch_rows[i]["prompt"] for i in idx.tolist()])
                 idx = idx.to(device)
                 for j in range(trained_steps):
                     loss, kl, clipfrac = step_loss(policy, traj, idx, j, adv[idx], cond, cfg)
                     ((loss + cfg["beta"] * kl) / (per_update * trained_steps)).backward()
-                    n = cfg["updates_per_step"] * per_update * trained_steps
-                    stats["policy_loss"] += loss.detach() / n
-                    stats["kl"] += kl.detach() / n
-                    stats["clipfrac"] += clipfrac.detach() / n
+                    for k, v in zip(stats, (loss, kl, clipfrac)):
+                        stats[k] += v.detach() / n
             grad_norm = common.optimizer_update(params, optimizer, ema, cfg)
         step += 1
 
-        # logging, eval, checkpoints
         record = {"step": step, "reward": common.all_mean(scores.mean()).item(), "grad_norm": grad_norm,
                   **{k: common.all_mean(v).item() for k, v in stats.items()}, "sec": time.time() - t0}
         for t in tasks:
             m = [i for i, r in enumerate(batch_rows) if r["task"] == t]
             record[f"reward_{t}"] = common.all_mean(scores[m].mean() if m else float("nan")).item()
-        if master:
-            common.log_metrics(out, record)
-            bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.2e}")
-            bar.update(1)
-        if cfg["eval_every"] and step % cfg["eval_every"] == 0:
+        common.log_step(out, record, bar, reward=".3f", kl=".2e")
+        if cfg["eval_every"] and (step % cfg["eval_every"] == 0 or step == cfg["max_steps"]):
             scoring.eval_and_log(policy, ema, params, eval_rows, cfg, out, step)
         common.after_step(policy, params, optimizer, ema, cfg, out, step)
     bar.close()

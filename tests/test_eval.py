@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import eval as evaluation
+import rewards
 import scoring
 from lora import add_student, save_adapter
 from sde_sampler import load_policy
@@ -423,7 +424,7 @@ def test_periodic_evals_score_the_metrics_too(tiny_pipe_dir, tmp_path, fake_aest
     """--metrics in a training stage: its periodic evals log each metric over every eval image."""
     import opd_distill
     from test_opd_distill import _args as opd_args, _lora
-    monkeypatch.setattr(opd_distill, "preload", lambda names: None)
+    monkeypatch.setattr(rewards, "preload", lambda names: None)  # common.start_run fetches through it
     pol = load_policy(str(tiny_pipe_dir), device="cpu")
     _lora(pol, tmp_path / "count", seed=3)
     opd_distill.main(opd_args(tiny_pipe_dir, tmp_path / "run", [f"count={tmp_path / 'count'}"], max_steps=1,

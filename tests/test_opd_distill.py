@@ -304,7 +304,7 @@ def test_periodic_eval_reports_its_noise_and_the_change_since_step_0(tiny_pipe_d
     start = json.loads((out / "samples" / "scores_step_000000.json").read_text())
     assert teacher["count"].keys() == ref.keys() and teacher["clean"] != start["clean"]  # the teacher's own images
     lines = {line.split(" | ")[0]: line for line in table.splitlines()}
-    assert f"{second['change']:+.3f}" in lines["| student − start, step 0 (fresh LoRA: the base)"]
+    assert f"{second['change']:+.3f}" in lines["| student − start (step 0: the base)"]
     assert f"{sum(now[i] - teacher['count'][i] for i in ref) / 3:+.3f}" in lines["| student − teacher count"]
     # resumed after its last step, the run prints the same table without sampling the teacher again
     cached = (out / "samples" / "scores_teacher_count.json").stat().st_mtime_ns

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import common
 import opd_distill
+import sde_sampler
 import sft_coldstart
 import teacher_grpo
 from lora import add_student, save_adapter
@@ -148,12 +149,11 @@ class Loaded(Exception):
 @pytest.mark.parametrize("stage", ["opd", "grpo", "sft"])
 def test_a_stage_on_cuda_checks_the_estimate_against_free_memory_first(stage, tiny_pipe_dir, tmp_path, two_teachers,
                                                                         monkeypatch, capsys):
-    module = {"opd": opd_distill, "grpo": teacher_grpo, "sft": sft_coldstart}[stage]
     monkeypatch.setattr(common, "setup_dist", lambda: (0, 1, torch.device("cuda")))
 
     def load_policy(*a, **k):
         raise Loaded  # the model would now move to the GPU
-    monkeypatch.setattr(module, "load_policy", load_policy)
+    monkeypatch.setattr(sde_sampler, "load_policy", load_policy)  # common.start_run loads the base through it
     for free, outcome in [(2 ** 20, SystemExit), (80 * 2 ** 30, Loaded)]:
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * 2 ** 30))
         with pytest.raises(outcome) as caught:
@@ -195,7 +195,8 @@ import json, os, sys, torch
 sys.path.insert(0, {repo!r})
 import common, opd_distill
 rank, out = int(os.environ["RANK"]), sys.argv[sys.argv.index("--out") + 1]
-sample_rows, step_generator, add_student = common.sample_rows, common.step_generator, opd_distill.add_student
+import lora
+sample_rows, step_generator, add_student = common.sample_rows, common.step_generator, lora.add_student
 
 def log(kind, value):
     with open(os.path.join(out, f"draws.{{rank}}.jsonl"), "a") as f:
@@ -221,7 +222,7 @@ def student(*a, **k):
     return params
 
 os.makedirs(out, exist_ok=True)
-common.sample_rows, common.step_generator, opd_distill.add_student = rows, generator, student
+common.sample_rows, common.step_generator, lora.add_student = rows, generator, student
 opd_distill.main(sys.argv[1:])
 '''
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import sde_sampler
 import teacher_grpo
 from sde_sampler import group_advantages, ppo_loss
 
@@ -170,7 +171,7 @@ def test_unreachable_models_are_one_line_errors_at_startup(tiny_pipe_dir, tmp_pa
     SD3.5-M itself, stop it in one line too."""
     def no_pipeline(*a, **k):
         raise AssertionError("the pipeline was loaded before the reward was checked")
-    monkeypatch.setattr(teacher_grpo, "load_policy", no_pipeline)
+    monkeypatch.setattr(sde_sampler, "load_policy", no_pipeline)  # common.start_run loads the base through it
     with pytest.raises(SystemExit, match=r"^error: reward 'geneval' cannot load facebook/mask2former-swin-small"
                                          r"-coco-instance and openai/clip-vit-large-patch14 \(.*leave geneval out"):
         teacher_grpo.main(_args(tiny_pipe_dir, tmp_path / "x", prompt_file, eval_tasks="brightness,geneval"))

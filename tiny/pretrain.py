@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 import scoring
+from sde_sampler import flow_matching_loss, noisy
 from tiny.world import (CHARSET, EVAL_BATCH, SAMPLING, TASKS, VOCAB_WORDS, clean_reward, prompt_set,
                        sample_training_batch, shows_flaw)
 
@@ -35,7 +36,7 @@ from tiny.world import (CHARSET, EVAL_BATCH, SAMPLING, TASKS, VOCAB_WORDS, clean
 # build_tiny_pipeline's size arguments for the base
 BASE_MODEL = dict(patch_size=4, num_layers=6, heads=4, head_dim=32, text_dim=32, text_layers=2, max_tokens=32)
 PRETRAIN = dict(
-    steps=4600,         # about 19 minutes of 2 CPU cores (README)
+    steps=4600,         # about 18 minutes of 2 CPU cores (docs/tinyworld.md)
     batch_size=32,
     lr=1e-3,            # AdamW, constant after the warmup, so a run of N steps is a prefix of a longer one
     warmup=50,
@@ -132,19 +133,19 @@ def embed_prompts(pipe, prompts):
     return e, p
 
 
-def flow_matching_loss(pipe, prompts, images, generator, dropout):
-    """Rectified-flow loss on a batch of uint8 renders: x_s = (1 - s) x0 + s eps, target
-    v = eps - x0, logit-normal s (SD3's training density), timestep s * 1000."""
+def pretrain_loss(pipe, prompts, images, generator, dropout):
+    """The rectified-flow loss (sde_sampler.flow_matching_loss) on a batch of uint8 renders, at
+    logit-normal s (SD3's training density), timestep s * 1000, each prompt dropped (for CFG) at
+    rate `dropout`."""
     x0 = images.float() / 127.5 - 1
     b = x0.shape[0]
     s = torch.sigmoid(torch.randn(b, generator=generator))
     eps = torch.randn(x0.shape, generator=generator)
     drop = torch.rand(b, generator=generator) < dropout
     e, p = embed_prompts(pipe, ["" if d else t for t, d in zip(prompts, drop.tolist())])
-    sv = s.view(-1, 1, 1, 1)
-    v = pipe.transformer(hidden_states=(1 - sv) * x0 + sv * eps, timestep=s * 1000,
+    v = pipe.transformer(hidden_states=noisy(x0, eps, s), timestep=s * 1000,
                          encoder_hidden_states=e, pooled_projections=p, return_dict=False)[0]
-    return torch.nn.functional.mse_loss(v, eps - x0)
+    return flow_matching_loss(v, x0, eps)
 
 
 def pretrain(out, steps, batch_size, lr, seed, model=None, warmup=PRETRAIN["warmup"],
@@ -175,7 +176,7 @@ def pretrain(out, steps, batch_size, lr, seed, model=None, warmup=PRETRAIN["warm
         rate = flaw_rate if step >= flaw_from else 0.0
         picked, images = sample_training_batch(rows, batch_size, seed=[seed, step], flaw_rate=rate)
         images = torch.from_numpy(images)
-        loss = flow_matching_loss(pipe, [r["prompt"] for r in picked], images, g, dropout)
+        loss = pretrain_loss(pipe, [r["prompt"] for r in picked], images, g, dropout)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, grad_clip)

@@ -25,7 +25,7 @@ PY=${PYTHON:-python}  # the interpreter with this repo's requirements (the activ
 mkdir -p "$R"
 start=$SECONDS
 # SMOKE=1 cuts every stage to one step on a few images (tests/test_reproduce.py runs it so)
-# OPD with the anchor KL on every image (--mar_every 1): the README's tables were measured so; the
+# OPD with the anchor KL on every image (--mar_every 1): docs/results.md's tables were measured so; the
 # default since then labels the anchor on 1 image in 2 (opd_distill.py, mar_every); and 60 steps with an
 # eval every 20, where the preset (the README's quickstart, from a fresh student) now runs 20
 GRPO=() SFT=() OPD=(--mar_every 1 --max_steps 60 --eval_every 20 --save_every 20) EVAL=()
@@ -85,7 +85,7 @@ job coldstarts
 wait "${PIDS[-1]}" || exit 1
 
 # stage 2, N at a time, the key rows first: once per seed GRPO-Mix, OPD from the merge and OPD from
-# a fresh student (no cold start); OPD as its preset (README, "The OPD recipe"): count and text
+# a fresh student (no cold start); OPD as its preset (docs/recipe.md): count and text
 # prompts, the base as MAR anchor at 0.5. Then the MAR sweep and the other variants.
 S0=${SEEDS:-0}; S0=${S0%% *}
 O="$T"
