@@ -25,6 +25,7 @@ def _conditional_velocity(policy, x, sigma, cond):
                               return_dict=False)[0].float()
 
 
+@pytest.mark.slow  # 7 s: .ci/run runs it after the README's command
 def test_cfg_free_loss_and_gradient_equal_a_direct_computation(policy, tmp_path):
     for k, name in enumerate(["count", "text", "anchor"]):
         _lora(policy, tmp_path / name, seed=40 + k, std=0.1)

@@ -19,6 +19,33 @@ FLAG = r"(?<![\w-])--[a-z][\w-]*"  # a long option as written in prose or a comm
 LAUNCHER_FLAGS = {"--nproc_per_node", "--nnodes", "--rdzv_backend", "--rdzv_endpoint", "--rdzv_id", "--standalone"}
 
 
+# Every plain-argparse script's --help, in one interpreter (one torch import, not one per script).
+HELP_ALL = """
+import contextlib, io, runpy, sys
+for module in sys.argv[1:]:
+    sys.argv, text = [module, "--help"], io.StringIO()
+    with contextlib.redirect_stdout(text):
+        try:
+            runpy.run_module(module, run_name="__main__")
+        except SystemExit as e:
+            assert not e.code, f"{module} --help exited with {e.code}"
+    print(f"==== {module}\\n{text.getvalue()}")
+"""
+
+
+@functools.cache
+def help_texts():
+    """{script: its --help} for the scripts that parse their flags with argparse themselves (tools
+    and the tiny world run as python -m tools.bench); a module that only mentions argparse prints none."""
+    scripts = [s for s in SCRIPTS if "argparse" in (REPO / s).read_text()
+               and "common.parse_config(DEFAULTS" not in (REPO / s).read_text()]
+    modules = [s.removesuffix(".py").replace("/", ".") for s in scripts]
+    out = subprocess.run([sys.executable, "-c", HELP_ALL, *modules], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, f"--help: {out.stderr[-800:]}"
+    parts = dict(part.split("\n", 1) for part in out.stdout.split("==== ")[1:])
+    return {s: parts[m] for s, m in zip(scripts, modules)}
+
+
 @functools.cache
 def script_flags(script):
     """The --flags a repo script accepts: its DEFAULTS (parse_config adds --preset and --resume), or
@@ -26,12 +53,7 @@ def script_flags(script):
     if "common.parse_config(DEFAULTS" in (REPO / script).read_text():
         module = importlib.import_module(script.removesuffix(".py").replace("/", "."))
         return {f"--{k}" for k in module.DEFAULTS} | {"--preset", "--resume"}
-    if "argparse" not in (REPO / script).read_text():
-        return set()
-    module = script.removesuffix(".py").replace("/", ".")  # tools and the tiny world run as python -m tools.bench
-    out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, f"{script} --help: {out.stderr[-500:]}"
-    return set(re.findall(FLAG, out.stdout))
+    return set(re.findall(FLAG, help_texts().get(script, "")))
 
 
 def doc_texts():

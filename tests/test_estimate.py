@@ -84,7 +84,8 @@ def test_flops_agree_with_flop_counter_mode(mini):
 
 
 @needs_heap
-@pytest.mark.parametrize("unit", [pytest.param("opd", marks=pytest.mark.slow), "sft with checkpointing"])
+@pytest.mark.slow  # 6-60 s a unit of real CPU runs: .ci/run runs them after the README's command
+@pytest.mark.parametrize("unit", ["opd", "sft with checkpointing"])
 def test_estimate_matches_the_real_cpu_run(mini, real_run, unit):
     """One OPD step (2 teachers + anchor; no checkpointing) and one SFT step (checkpointing) at batch
     2 and 4: the fake-tensor estimate equals the same Counter on the real tensors, its weights are

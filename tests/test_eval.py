@@ -330,10 +330,10 @@ def test_geneval_headline_is_the_mean_of_its_tags_and_failed_reads_are_reported(
 
 @pytest.mark.slow  # the README's test command skips it; .ci/run runs it after
 def test_readme_teachers_command_on_shipped_checkpoints(tmp_path):
-    """The README's stage-1 table command, as written there, with 2 ODE steps instead of 20 and 1
-    image per prompt instead of the preset's 4 (test_images_per_prompt_* covers several): every
+    """docs/results.md's stage-1 table command, as written there, with 2 ODE steps instead of 20 and
+    1 image per prompt instead of the preset's 4 (test_images_per_prompt_* covers several): every
     shipped teacher, GRPO-Mix and the merge on every task, and the count table per prompt tag."""
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "results.md").read_text()
     line = re.search(r"^ +(python eval\.py --preset tiny --ckpt base --ckpt count=assets/tiny/count .*?--out runs/teachers)$",
                      text.replace("\\\n", " "), re.M).group(1)
     args = shlex.split(line)[2:]

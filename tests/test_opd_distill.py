@@ -257,6 +257,7 @@ def test_full_weight_teachers_through_the_command_line(tiny_pipe_dir, tmp_path, 
     assert kl[2]["count"] == pytest.approx(kl[0]["count"], rel=1e-3) and kl[2]["text"] == kl[0]["text"]
 
 
+@pytest.mark.slow  # 12 s: .ci/run runs it after the README's command (tests/test_scale.py resumes OPD bit for bit)
 def test_two_teachers_logging_and_resume(tiny_pipe_dir, tmp_path):
     pol = load_policy(str(tiny_pipe_dir), device="cpu")
     _lora(pol, tmp_path / "count", seed=5, std=0.1)
@@ -397,33 +398,44 @@ def test_torchrun_two_ranks(tiny_pipe_dir, tmp_path):
 
 
 @pytest.mark.slow  # the README's test command skips it; .ci/run runs it after
-def test_quickstart_preset_runs_on_shipped_assets(tmp_path):
+def test_quickstart_preset_runs_on_shipped_assets(tmp_path, capsys):
     """The README quickstart (`opd_distill.py --preset tiny`) on the shipped base and teachers,
-    cut to one step: routing, both teachers, the anchor, a saved final LoRA; then the README's
-    eval commands of its result and of three seeds, as written there, cut to 2 prompts, 2 ODE
-    steps and 1 image."""
+    cut to one step and 2 eval prompts a task with 2 ODE steps: a fresh student, routing, both
+    teachers, the anchor, a saved final LoRA and the final table with both teachers; then the
+    README's eval command of its result, and docs/results.md's eval of three seeds from the merge,
+    as written there, cut to 2 prompts, 2 ODE steps and 1 image."""
     import re
     import shlex
     import eval as evaluation
     out = tmp_path / "opd"
-    opd_distill.main(["--preset", "tiny", "--out", str(out), "--max_steps", "1", "--eval_every", "0",
-                      "--prompts_per_step", "2", "--batch_size", "8"])
-    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    opd_distill.main(["--preset", "tiny", "--out", str(out), "--max_steps", "1", "--eval_prompts", "2",
+                      "--eval_steps", "2", "--prompts_per_step", "2", "--batch_size", "8"])
+    record = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"kl"' in line][-1]
     assert record["step"] == 1 and record["kl"] > 0 and record["mar_kl"] > 0
+    assert json.loads((out / "config.json").read_text())["init"] == ""  # a fresh student
     assert (out / "final" / "pytorch_lora_weights.safetensors").exists()
+    table = (out / "final_table.md").read_text()
+    assert "| start (step 0: the base) |" in table and "| student − teacher text |" in table
+    assert table.strip() in capsys.readouterr().out
     readme = (REPO / "README.md").read_text().replace("\\\n", " ")
-    line = re.search(r"^ +(python eval\.py --preset tiny --ckpt merge=assets/tiny/merge .*opd=runs/opd/final.*)$",
-                     readme, re.M).group(1)
+    # the cold start one flag away, as written there, cut to one step
+    line = re.search(r"^ +(python opd_distill\.py --preset tiny --init assets/tiny/merge .*)$", readme, re.M).group(1)
+    args = shlex.split(line)[2:]
+    args[args.index("--out") + 1] = str(tmp_path / "opd_merge")
+    opd_distill.main(args + ["--max_steps", "1", "--eval_every", "0", "--prompts_per_step", "2", "--batch_size", "8"])
+    assert json.loads((tmp_path / "opd_merge" / "config.json").read_text())["init"] == "assets/tiny/merge"
+    line = re.search(r"^ +(python eval\.py --preset tiny --ckpt base .*opd=runs/opd/final.*)$", readme, re.M).group(1)
     args = [a.replace("runs/opd/final", str(out / "final")) for a in shlex.split(line)[2:]]
     args[args.index("--out") + 1] = str(tmp_path / "eval_opd")
     evaluation.main(args + ["--num_prompts", "2", "--eval_steps", "2", "--images_per_prompt", "1"])
     results = json.loads((tmp_path / "eval_opd" / "results.json").read_text())
-    assert list(results) == ["merge", "count", "text", "opd"] and set(results["opd"]) >= {"count", "text"}
-    assert set(results["opd"]["count"]["vs"]) == {"ckpt", "change", "se"}  # --vs merge, as written there
+    assert list(results) == ["base", "count", "text", "opd"] and set(results["opd"]) >= {"count", "text"}
+    assert set(results["opd"]["count"]["vs"]) == {"ckpt", "change", "se"}  # --vs base, as written there
     # the three seeds' command, each seed's folder standing in for the one run here
+    results_md = (REPO / "docs" / "results.md").read_text().replace("\\\n", " ")
     line = re.search(r"^ +(python eval\.py --preset tiny --ckpt merge=assets/tiny/merge --ckpt opd@s0=.*)$",
-                     readme, re.M).group(1)
-    args = [re.sub(r"runs/opd(_s\d)?/final", str(out / "final"), a) for a in shlex.split(line)[2:]]
+                     results_md, re.M).group(1)
+    args = [re.sub(r"runs/opd_merge(_s\d)?/final", str(out / "final"), a) for a in shlex.split(line)[2:]]
     args[args.index("--out") + 1] = str(tmp_path / "eval_seeds")
     evaluation.main(args + ["--num_prompts", "2", "--eval_steps", "2", "--images_per_prompt", "1"])
     table = (tmp_path / "eval_seeds" / "results.md").read_text()

@@ -125,7 +125,9 @@ def _stage_run(stage, pipe_dir, out, teachers, checkpointing):
     return _lora(out / "final")
 
 
-@pytest.mark.parametrize("stage", ["opd", "grpo", "sft"])
+# OPD and GRPO take 3-5 s each: slow-marked, .ci/run runs them after the README's command
+@pytest.mark.parametrize("stage", [pytest.param("opd", marks=pytest.mark.slow), pytest.param("grpo", marks=pytest.mark.slow),
+                                   "sft"])
 def test_gradient_checkpointing_gives_the_same_step(stage, tiny_pipe_dir, tmp_path, two_teachers, monkeypatch):
     calls = []
     checkpoint = torch.utils.checkpoint.checkpoint
@@ -146,7 +148,8 @@ class Loaded(Exception):
     pass
 
 
-@pytest.mark.parametrize("stage", ["opd", "grpo", "sft"])
+@pytest.mark.parametrize("stage", [pytest.param("opd", marks=pytest.mark.slow), pytest.param("grpo", marks=pytest.mark.slow),
+                                   "sft"])
 def test_a_stage_on_cuda_checks_the_estimate_against_free_memory_first(stage, tiny_pipe_dir, tmp_path, two_teachers,
                                                                         monkeypatch, capsys):
     monkeypatch.setattr(common, "setup_dist", lambda: (0, 1, torch.device("cuda")))

@@ -63,6 +63,7 @@ def _evals(out):
     return [r["eval"]["brightness"]["mean"] for r in map(json.loads, open(Path(out) / "metrics.jsonl")) if "eval" in r]
 
 
+@pytest.mark.slow  # 12 s of training against a control: .ci/run runs it after the README's command
 def test_grpo_raises_reward_and_lr_zero_does_not(tiny_pipe_dir, tmp_path, prompt_file, capsys):
     teacher_grpo.main(_args(tiny_pipe_dir, tmp_path / "learn", prompt_file))
     assert f"note: {prompt_file} is one file, so the periodic evals score training prompts" in capsys.readouterr().out
@@ -75,6 +76,7 @@ def test_grpo_raises_reward_and_lr_zero_does_not(tiny_pipe_dir, tmp_path, prompt
     assert json.loads((tmp_path / "learn" / "config.json").read_text())["lr"] == 3e-2
 
 
+@pytest.mark.slow  # 12 s: .ci/run runs it after the README's command (tests/test_scale.py resumes OPD bit for bit)
 def test_resume_continues_with_identical_state(tiny_pipe_dir, tmp_path, prompt_file, monkeypatch):
     """Killed after step 2 and resumed: the same weights, optimizer state and log as one run.
     The interrupted run also logs to W&B (offline): its records reach the W&B run, the resumed
