@@ -38,7 +38,7 @@ another reward, adding a checkpoint, a task or more prompts regenerates nothing 
 --vs NAME reports every other checkpoint's change against checkpoint NAME (a student against
 its init), task by task, with the standard error of the per-prompt differences: both sampled
 the same prompts from the same noise, so the noise they share cancels out of the difference,
-and this error is what a gain is judged by (the tiny quickstart's student against its merge:
+and this error is what a gain is judged by (the tiny OPD student from the merge against it:
 0.014-0.022 a task, where each score alone has 0.023-0.031).
 
 Writes into --out: results.json {checkpoint: {task: {"mean", "se", "strict", "n"}}} ("strict"
