@@ -1,7 +1,8 @@
 """
 What every stage script needs and none of them should hide: config parsing with presets,
-torch.distributed setup, the EMA of the LoRA weights, atomic checkpoints with resume, and
-metrics (metrics.jsonl, optionally W&B). Sampling and scoring test prompts is scoring.py.
+torch.distributed setup, the EMA of the LoRA weights, atomic checkpoints with resume, a training
+run's frame (the checks before anything loads, the student and its optimizer, fresh or resumed)
+and metrics (metrics.jsonl, optionally W&B). Sampling and scoring test prompts is scoring.py.
 """
 
 import argparse

@@ -17,9 +17,8 @@ line by line on load, so a bad prompt fails with file:line before any model load
 import json
 import os
 import random
+import re
 import zlib
-
-from rewards import COCO_CLASSES, COLORS, RELATIONS, quoted_text
 
 # -----------------------------------------------------------------------------
 # defaults
@@ -29,6 +28,54 @@ OCR_SIZE = {"train": 5000, "test": 500}
 GENEVAL_SIZE_PER_TAG = {"train": 1000, "test": 100}  # fewer where a tag has fewer prompts
 GENEVAL_TAGS = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
 TINY_TASKS = ("count", "text", "clean")
+
+
+# -----------------------------------------------------------------------------
+# the vocabulary that prompts and rewards share: GenEval's classes, colours and relations, and
+# the text an OCR prompt asks for (rewards.py reads them from here: a word list needs no torch)
+
+# GenEval's 80 COCO class names, in COCO order (GenEval renames mouse/remote/keyboard)
+COCO_CLASSES = [
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
+    "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
+    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator",
+    "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+]
+COLORS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white"]
+RELATIONS = ["left of", "right of", "above", "below"]
+
+
+def quoted_text(prompt):
+    """The text an OCR prompt asks for, or None.
+
+    Flow-GRPO's rule wherever the prompt has a straight double quote: the text after the first
+    one, up to the next or, when the quote is never closed, to the end (its
+    `prompt.split('"')[1]`). Beyond Flow-GRPO, which stops with an IndexError on a prompt without
+    one: the first span in curly double quotes, else in single quotes (a straight one only opens
+    at a word boundary, so that apostrophes in don't or shop's are not quotes). None when there is
+    no such span or it is empty once spaces are removed (Flow-GRPO would divide by zero)."""
+    if '"' in prompt:
+        text = prompt.split('"')[1]
+        return text if normalize_text(text) else None
+    for patterns in ([r"“([^”]+)”"], [r"‘([^’]+)’", r"(?<!\w)'([^']+)'(?!\w)"]):
+        found = [m for m in (re.search(p, prompt) for p in patterns) if m and normalize_text(m.group(1))]
+        if found:
+            return min(found, key=lambda m: m.start()).group(1)
+    return None
+
+
+def normalize_text(text):
+    """Lower case without spaces, as Flow-GRPO compares texts. Only the space character goes: a
+    tab or a newline stays and costs an edit, as it does there."""
+    return text.replace(" ", "").lower()
+
+
 # -----------------------------------------------------------------------------
 
 

@@ -30,6 +30,8 @@ import torch
 from PIL import Image
 from rapidfuzz.distance import Levenshtein
 
+from prompts import COCO_CLASSES, COLORS, RELATIONS, normalize_text, quoted_text  # the prompts' vocabulary
+
 # -----------------------------------------------------------------------------
 # defaults
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -53,8 +55,6 @@ GENEVAL_COUNT_THRESHOLD = 0.9     # stricter threshold for "counting" prompts
 GENEVAL_MAX_OBJECTS = 16          # most confident detections kept per class
 GENEVAL_POSITION_THRESHOLD = 0.1  # dead zone, as a fraction of the two boxes' sizes
 GENEVAL_CROP_BACKGROUND = "#999"  # what replaces the pixels outside an object's mask
-COLORS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white"]
-RELATIONS = ["left of", "right of", "above", "below"]
 # PickScore: the CLIP-H processor and the PickScore_v1 weights, run in float32 as Flow-GRPO does
 PICKSCORE_PROCESSOR_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 PICKSCORE_MODEL_ID = "yuvalkirstain/PickScore_v1"
@@ -91,19 +91,6 @@ CLIPSCORE_MODEL_ID = "openai/clip-vit-large-patch14"
 CLIPSCORE_SCALE = 30.0
 # -----------------------------------------------------------------------------
 
-# GenEval's 80 COCO class names, in COCO order (GenEval renames mouse/remote/keyboard)
-COCO_CLASSES = [
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
-    "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
-    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator",
-    "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
-]
 # detector label names that differ from GenEval's (COCO / transformers spellings)
 LABEL_ALIASES = {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard",
                  "hair dryer": "hair drier", "sofa": "couch", "tvmonitor": "tv", "motorbike": "motorcycle",
@@ -152,31 +139,6 @@ def _embeddings(out):
 
 # -----------------------------------------------------------------------------
 # OCR
-
-
-def quoted_text(prompt):
-    """The text an OCR prompt asks for, or None.
-
-    Flow-GRPO's rule wherever the prompt has a straight double quote: the text after the first
-    one, up to the next or, when the quote is never closed, to the end (its
-    `prompt.split('"')[1]`). Beyond Flow-GRPO, which stops with an IndexError on a prompt without
-    one: the first span in curly double quotes, else in single quotes (a straight one only opens
-    at a word boundary, so that apostrophes in don't or shop's are not quotes). None when there is
-    no such span or it is empty once spaces are removed (Flow-GRPO would divide by zero)."""
-    if '"' in prompt:
-        text = prompt.split('"')[1]
-        return text if normalize_text(text) else None
-    for patterns in ([r"“([^”]+)”"], [r"‘([^’]+)’", r"(?<!\w)'([^']+)'(?!\w)"]):
-        found = [m for m in (re.search(p, prompt) for p in patterns) if m and normalize_text(m.group(1))]
-        if found:
-            return min(found, key=lambda m: m.start()).group(1)
-    return None
-
-
-def normalize_text(text):
-    """Lower case without spaces, as Flow-GRPO compares texts. Only the space character goes: a
-    tab or a newline stays and costs an edit, as it does there."""
-    return text.replace(" ", "").lower()
 
 
 def text_similarity(read, target):

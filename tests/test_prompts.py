@@ -161,3 +161,15 @@ def test_balanced_draws_give_tasks_and_tags_equal_shares():
     uniform = collections.Counter(r["metadata"]["tag"] for r in draw(False) if r["task"] == "count")
     assert uniform["single"] / sum(uniform.values()) < 0.05  # the control: 7 of 336 prompts
     assert common.sample_rows(rows, 20, 0, 3, 0, True) == common.sample_rows(rows, 20, 0, 3, 0, True)
+
+
+def test_prompts_need_no_torch():
+    """prompts.py holds the vocabulary it shares with rewards.py (GenEval's classes, the OCR quote
+    rule), so reading prompt sets imports no torch; the control: rewards.py does."""
+    import subprocess
+    from pathlib import Path
+    check = "import sys, {0}; {0}.load_prompts('geneval', 'test') if '{0}' == 'prompts' else None; print('torch' in sys.modules)"
+    for module, torch_loaded in (("prompts", "False"), ("rewards", "True")):
+        out = subprocess.run([sys.executable, "-c", check.format(module)], cwd=Path(__file__).resolve().parents[1],
+                             capture_output=True, text=True, timeout=120)
+        assert out.stdout.strip() == torch_loaded, (module, out.stdout, out.stderr[-500:])

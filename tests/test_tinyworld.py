@@ -222,4 +222,4 @@ def test_count_and_text_rewards_degrade_gracefully():
         rows, images = _renders(task)
         scores = _score(REWARDS[task], [im.filter(ImageFilter.GaussianBlur(1.5)) for im in images], rows)[0]
         assert 0.2 < scores.mean() < 0.8
-    assert tw.read_text(np.full((32, 32, 3), 255, np.uint8)) == ""
+    assert tw.read_glyphs(np.full((32, 32, 3), 255, np.uint8)) == ""

@@ -490,7 +490,7 @@ def read_glyph(cell):
     return min(CHARSET, key=lambda c: np.abs(cover - GLYPH_BITS[c]).sum())
 
 
-def read_text(img):
+def read_glyphs(img):
     """Read a line of text: take the band of ink rows with the most ink, cut it into glyphs at
     empty columns (a blob as wide as k glyphs is cut into k equal parts), and template-match
     each glyph against the font."""
@@ -525,7 +525,7 @@ def text_reward(images, prompts, metadata):
     scores, info = [], []
     for img, prompt, meta in zip(to_uint8_images(images), prompts, metadata):
         target = text_target(prompt, meta).lower()
-        read = read_text(img)
+        read = read_glyphs(img)
         d = Levenshtein.distance(read, target)
         scores.append(1 - min(d, len(target)) / len(target))
         info.append({"strict": read == target, "read": read, "target": target, "distance": d})
