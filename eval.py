@@ -2,7 +2,7 @@
 Score any set of checkpoints side by side on every task: a table, image grids, per-image details.
 
     python eval.py --preset tiny --ckpt base count=runs/count/final student=runs/opd/final --out runs/eval_tiny
-    python eval.py --preset tiny --ckpt merge=assets/tiny/merge opd=runs/opd/final --vs merge   # the gain, paired
+    python eval.py --preset tiny --ckpt base opd=runs/opd/final --vs base        # the quickstart's gain, paired
     python eval.py --ckpt base --ckpt ocr=runs/ocr/final --ckpt student=runs/opd/final \\
         --tasks geneval,ocr,pickscore --out runs/eval                                      # SD3.5-Medium
     torchrun --nproc_per_node=8 eval.py --ckpt base ocr=jieliu/SD3.5M-FlowGRPO-Text --num_prompts 100 --out runs/eval
