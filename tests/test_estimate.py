@@ -107,6 +107,7 @@ def test_estimate_matches_the_real_cpu_run(mini, real_run, unit):
     assert abs(line - activations(est[4])) <= 0.02 * activations(est[4])
 
 
+@pytest.mark.slow  # 4 s: .ci/run runs it after the README's command
 def test_controls_checkpointing_batch_and_the_sft_step(mini):
     """Checkpointing holds less than not at the same batch; activations grow with the batch; SFT's
     step measures as the student phase of GRPO's update, as the table takes it."""
@@ -120,6 +121,7 @@ def test_controls_checkpointing_batch_and_the_sft_step(mini):
     assert sum(sft["flops"].values()) == train[2, False]["flops"]["student"]
 
 
+@pytest.mark.slow  # 4 s: .ci/run runs it after the README's command
 @needs_heap
 def test_controls_the_math_kernel_and_a_missing_autocast_are_caught(mini, real_run):
     """Forcing the math attention kernel shows up (a tokens x tokens matrix, more bytes); and an

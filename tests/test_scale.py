@@ -56,6 +56,7 @@ def _lora(folder):
 # -----------------------------------------------------------------------------
 # seeds
 
+@pytest.mark.slow  # 4 s of hashing 1.8 million keys: .ci/run runs it after the README's command
 def test_random_streams_never_collide_across_ranks_steps_seeds_and_purposes():
     # the old linear seeds collided: rank r + 31 at step s drew rank r's prompts of step s + 1
     old = {s * 7_919 + step * 31 + r for s in range(3) for step in range(200) for r in range(1024)}
