@@ -1,4 +1,4 @@
-"""bench.py, cut short: it runs every part and its memory figures say what the README claims."""
+"""bench.py, cut short: it runs every part and its memory figures say what docs/benchmarks.md claims."""
 import re
 import subprocess
 import sys
