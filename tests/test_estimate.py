@@ -143,6 +143,7 @@ def test_controls_the_math_kernel_and_a_missing_autocast_are_caught(mini, real_r
     assert abs((est[4] - est[2]) / (got[4] - got[2]) - 1) > TOL
 
 
+@pytest.mark.slow  # 4 s: .ci/run runs it after the README's command (tests/test_scale.py checks a stage refuses)
 def test_startup_check_fits_refuses_and_names_the_largest_batch(mini, capsys):
     folder, loss = str(mini[0]), sft_coldstart.flow_matching_loss
     cfg = {**sft_coldstart.DEFAULTS, "resolution": 64, "t5_tokens": 8, "lora_rank": 8, "lora_alpha": 16,

@@ -236,6 +236,7 @@ def test_self_teacher_gives_zero_loss_and_gradient(tiny_pipe_dir, tmp_path):
     assert set(rec["kl_by_step"]["count"]) and len(rec["kl_by_step"]["count"]) == 2
 
 
+@pytest.mark.slow  # 4 s: .ci/run runs it after the README's command (tests/test_lora.py loads full-weight teachers)
 def test_full_weight_teachers_through_the_command_line(tiny_pipe_dir, tmp_path, capsys):
     """--teachers count=FULL.safetensors text=LORA: the full-weight teacher as its own copy, and
     with --teacher_rank 2 as a LoRA of its delta; both give labels, and the two agree."""
