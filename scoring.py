@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 
-from common import all_gather_objects, ema_weights, log_metrics, world, write_json
+from common import all_gather_objects, ema_weights, is_rank0, log_metrics, world, write_json
 
 # -----------------------------------------------------------------------------
 # images
@@ -282,12 +282,12 @@ def eval_and_log(policy, ema, params, rows, cfg, out, step):
         first = sorted(samples.glob("scores_step_*.json"))
         write_json(samples / f"scores_step_{step:06d}.json", scores)
         ref_step = int(first[0].stem.rpartition("_")[2]) if first else step
-        ref = json.loads(first[0].read_text()) if first else None
+        ref = _read_scores(first[0]) if first else None
         text = []
         for t, s in summary.items():
             line = f"{t} {s['mean']:.3f} +-{s['se']:.3f}"
             if ref is not None and t in ref and ref_step != step:
-                s["change"], s["change_se"] = paired_change(scores[t], {int(i): v for i, v in ref[t].items()})
+                s["change"], s["change_se"] = paired_change(scores[t], ref[t])
                 s["since_step"] = ref_step
                 line += f" (change {s['change']:+.3f} +-{s['change_se']:.3f})"
             text.append(line)
@@ -301,6 +301,11 @@ def eval_and_log(policy, ema, params, rows, cfg, out, step):
                    + (f"; changes since step {ref_step}, same prompts and noise" if ref_step != step else "")
                    + " (+- one standard error over prompts)")
     return summary
+
+
+def _read_scores(path):
+    """A samples/scores_*.json file as {task: {row: prompt mean}} (JSON keys are strings)."""
+    return {t: {int(i): v for i, v in s.items()} for t, s in json.loads(Path(path).read_text()).items()}
 
 
 def _row_stats(scores):
@@ -345,17 +350,16 @@ def final_table(policy, rows, cfg, out, references):
     scores = {}
     for name, (adapter, guidance) in references.items():
         if found[name].exists():
-            scores[name] = {t: {int(i): v for i, v in s.items()} for t, s in json.loads(found[name].read_text()).items()}
+            scores[name] = _read_scores(found[name])
             continue
         _, _, details = evaluate(policy, rows, cfg["eval_steps"], guidance, cfg["batch_size"], seed=cfg["seed"],
                                  adapter=adapter, images_per_prompt=cfg.get("eval_images", 1))
         scores[name] = {t: prompt_means([d for d in details if d["task"] == t]) for t in dict.fromkeys(r["task"] for r in rows)}
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if is_rank0():
             write_json(found[name], scores[name])
-    if dist.is_initialized() and dist.get_rank() != 0:
+    if not is_rank0():
         return None
-    student, start = ({t: {int(i): v for i, v in s.items()} for t, s in json.loads(f.read_text()).items()}
-                      for f in (evals[-1], evals[0]))
+    student, start = _read_scores(evals[-1]), _read_scores(evals[0])
     step_of = lambda f: int(f.stem.rpartition("_")[2])  # noqa: E731
     labels = {"student": f"student (step {step_of(evals[-1])})",
               "start": f"start (step {step_of(evals[0])}: {cfg.get('init') or 'the base'})"}
