@@ -349,8 +349,9 @@ def final_table(policy, rows, cfg, out, references):
     found = {name: samples / f"scores_{name.replace(' ', '_')}.json" for name in references}
     scores = {}
     for name, (adapter, guidance) in references.items():
-        if found[name].exists():
-            scores[name] = _read_scores(found[name])
+        if all_gather_objects(found[name].exists())[0]:  # rank 0's file decides: every rank skips, or samples
+            if is_rank0():
+                scores[name] = _read_scores(found[name])
             continue
         _, _, details = evaluate(policy, rows, cfg["eval_steps"], guidance, cfg["batch_size"], seed=cfg["seed"],
                                  adapter=adapter, images_per_prompt=cfg.get("eval_images", 1))

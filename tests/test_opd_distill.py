@@ -390,12 +390,15 @@ def test_torchrun_two_ranks(tiny_pipe_dir, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
            str(REPO / "opd_distill.py"),
            *_args(tiny_pipe_dir, out, [f"count={tmp_path / 'count'}", f"text={tmp_path / 'text'}"],
-                 save_every=100, batch_size=2)]
+                 save_every=100, batch_size=2, eval_every=2, eval_prompts=1)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "ranks in sync: 2 ranks hold identical LoRA weights" in res.stdout
-    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2]
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [0, 1, 2, 2]  # evals at 0 and 2
+    # the final table's teacher evals are sharded over the ranks too, and rank 0 alone writes and prints
+    table = (out / "final_table.md").read_text()
+    assert res.stdout.count(table.strip()) == 1 and "| student − teacher text |" in table
 
 
 @pytest.mark.slow  # the README's test command skips it; .ci/run runs it after
