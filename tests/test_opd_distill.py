@@ -445,3 +445,11 @@ def test_quickstart_preset_runs_on_shipped_assets(tmp_path, capsys):
     evaluation.main(args + ["--num_prompts", "2", "--eval_steps", "2", "--images_per_prompt", "1"])
     table = (tmp_path / "eval_seeds" / "results.md").read_text()
     assert "| opd (3 seeds) |" in table and "| opd (3 seeds), mean [min, max] |" in table
+    # and docs/results.md's eval of the quickstart's three seeds against the base
+    line = re.search(r"^ +(python eval\.py --preset tiny --ckpt base count=.*opd@s0=runs/opd/final.*)$",
+                     results_md, re.M).group(1)
+    args = [re.sub(r"runs/opd(_s\d)?/final", str(out / "final"), a) for a in shlex.split(line)[2:]]
+    args[args.index("--out") + 1] = str(tmp_path / "eval_quickstart")
+    evaluation.main(args + ["--num_prompts", "2", "--eval_steps", "2", "--images_per_prompt", "1"])
+    table = (tmp_path / "eval_quickstart" / "results.md").read_text()
+    assert "| opd (3 seeds), mean [min, max] |" in table and "Change against `base`" in table
